@@ -5,16 +5,17 @@ embedded mnist-subset, with coherence, confusion and stiffness measured on *ever
 training batch, against plain training, in one process. Three modes, interleaved per repeat:
 
 * ``plain``     - ``Trainer`` with the default ``MeanLoss`` rule, no instruments;
-* ``reused``    - ``InstrumentedStep`` (graddyn.experiments.label_noise): the training forward
-                  is captured; one backward to the layer outputs gives ``p.grad``
-                  (``grads.sum() / B``) and the Gram the three instruments share;
+* ``reused``    - ``Trainer(batch_instruments=...)``: the training forward is captured
+                  (``graddyn.train.measured_backward``); one backward to the layer outputs
+                  gives ``p.grad`` (the factors' mean) and the Gram the three instruments share;
 * ``probe``     - the trainer's probe path: instruments every step on a 100-example probe
                   set, i.e. a second forward + per-example backward after each step.
 
 Target (issue 3): ``reused`` <= 1.3 x ``plain`` (Cockpit's "economy" instruments: 4.25x on an
-MNIST MLP on a GPU). Time is the median (and min) over ``--repeats``; the machine may be
-shared, so read ratios of the same repeat. ``--profile`` prints where ``reused`` and ``probe``
-spend their time (cProfile, cumulative seconds of selected functions).
+MNIST MLP on a GPU). Wall time is the median and min over ``--repeats`` (modes interleaved),
+with process CPU time beside it: on a shared machine the CPU-time ratio is the steadier one.
+``--profile`` prints where ``reused`` and ``probe`` spend their time (cProfile, cumulative
+seconds of selected functions).
 
 Usage::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import time
@@ -32,20 +34,18 @@ import time
 import torch
 
 from graddyn.data import load_dataset
-from graddyn.experiments.label_noise import InstrumentedStep, MinibatchCoherence
-from graddyn.instruments import Confusion, Stiffness
+from graddyn.instruments import BatchCoherence, Confusion, Stiffness
 from graddyn.models import build_model
 from graddyn.train import Trainer, every
 
 MODES = ("plain", "reused", "probe")
 # label -> (file suffix, function) frames whose cumulative time --profile sums
 PROFILED = {
-    "rule: capture + instruments": [("label_noise.py", "__call__")],
+    "measured backward": [("_measured.py", "measured_backward")],
     "captured backward": [("_capture.py", "backward")],
-    "Gram (ghost)": [("_batchgrads.py", "cross_gram")],
-    "sum of gradients": [("_batchgrads.py", "sum")],
-    "coherence": [("coherence.py", "update"), ("coherence.py", "compute"),
-                  ("label_noise.py", "update"), ("label_noise.py", "compute")],
+    "Gram (ghost)": [("_paramgrads.py", "self_grams")],
+    "mean gradient": [("_batchgrads.py", "sum")],
+    "coherence": [("coherence.py", "update"), ("coherence.py", "compute")],
     "confusion": [("confusion.py", "update"), ("confusion.py", "compute")],
     "stiffness": [("stiffness.py", "update"), ("stiffness.py", "compute")],
     "probe runner": [("_probes.py", "run")],
@@ -56,8 +56,8 @@ PROFILED = {
 
 def instruments() -> list:
     """The same three in both instrumented modes; coherence of one batch from its Gram
-    (``MinibatchCoherence``; the streaming ``Coherence`` also sums P-sized gradients)."""
-    return [MinibatchCoherence(), Confusion(), Stiffness(num_classes=10)]
+    (``BatchCoherence``; the streaming ``Coherence`` also sums P-sized gradients)."""
+    return [BatchCoherence(), Confusion(), Stiffness(num_classes=10)]
 
 
 def make_trainer(mode: str, splits) -> Trainer:
@@ -68,20 +68,20 @@ def make_trainer(mode: str, splits) -> Trainer:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     kw: dict = {"batch_size": 100, "seed": 0, "checkpoint_schedule": None, "progress": False}
     if mode == "reused":
-        kw["rule"] = InstrumentedStep([(inst, every(1)) for inst in instruments()],
-                                      sink=lambda step, metrics: None)
+        kw["batch_instruments"] = [(inst, every(1)) for inst in instruments()]
     elif mode == "probe":
         kw["instruments"] = [(inst, every(1, start=1)) for inst in instruments()]
         kw["probe_size"] = 100
     return Trainer(model, opt, splits, **kw)
 
 
-def time_mode(mode: str, splits, steps: int) -> float:
+def time_mode(mode: str, splits, steps: int) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``steps`` steps after a 2-step warm-up."""
     trainer = make_trainer(mode, splits)
     trainer.fit(2)  # warm-up: allocator, first capture
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(2 + steps)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def profile_mode(mode: str, splits, steps: int) -> dict[str, float]:
@@ -109,25 +109,30 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     splits = load_dataset("mnist-subset")
     times: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(args.repeats):
         for mode in MODES:
-            times[mode].append(time_mode(mode, splits, args.steps))
+            wall, used = time_mode(mode, splits, args.steps)
+            times[mode].append(wall)
+            cpu[mode].append(used)
     print(f"MLP 784-2048-10, batch 100, {args.steps} steps, {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads")
-    _table(times, args.steps)
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+    _table(times, cpu, args.steps)
     if args.profile:
         _profile_table({m: profile_mode(m, splits, args.steps) for m in ("reused", "probe")})
 
 
-def _table(times: dict[str, list[float]], steps: int) -> None:
-    base = statistics.median(times["plain"])
-    per_repeat = lambda m: [t / b for t, b in zip(times[m], times["plain"])]  # noqa: E731
+def _table(times: dict[str, list[float]], cpu: dict[str, list[float]], steps: int) -> None:
+    """Wall time (median, min) and process CPU time (min) per mode, with ratios to plain;
+    the CPU-time ratio is the steadier one on a shared machine."""
+    base, base_min = statistics.median(times["plain"]), min(times["plain"])
+    base_cpu = min(cpu["plain"])
     print(f"{'mode':<8} {'median s':>9} {'min s':>7} {'ms/step':>8} {'ratio':>6} "
-          f"{'ratio (per-repeat median)':>25}")
+          f"{'ratio (min)':>11} {'CPU s':>6} {'ratio (CPU)':>11}")
     for mode in MODES:
-        med = statistics.median(times[mode])
-        print(f"{mode:<8} {med:9.2f} {min(times[mode]):7.2f} {1e3 * med / steps:8.1f} "
-              f"{med / base:6.2f} {statistics.median(per_repeat(mode)):25.2f}")
+        med, low, used = statistics.median(times[mode]), min(times[mode]), min(cpu[mode])
+        print(f"{mode:<8} {med:9.2f} {low:7.2f} {1e3 * low / steps:8.1f} {med / base:6.2f} "
+              f"{low / base_min:11.2f} {used:6.2f} {used / base_cpu:11.2f}")
 
 
 def _profile_table(profiles: dict[str, dict[str, float]]) -> None:

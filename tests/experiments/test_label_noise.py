@@ -18,15 +18,12 @@ from graddyn.experiments._label_noise_report import (
     verdicts,
 )
 from graddyn.experiments.label_noise import (
-    InstrumentedStep,
     LabelNoiseConfig,
-    MinibatchCoherence,
     level_tag,
     noisy_data,
 )
-from graddyn.instruments import Coherence, Probe
+from graddyn.instruments import BatchCoherence, Coherence, Probe
 from graddyn.pergrad import capture
-from graddyn.train import Batch, every
 
 NAME = "coherent-gradients.label-noise"
 TINY = ["dataset=digits", "n_train=200", "width=16", "steps=12", "eval_points=3",
@@ -66,7 +63,7 @@ def test_records_every_quantity_per_level(tiny):
         tag = level_tag(frac)
         for m in ("fit/train_acc", "fit/test_acc", "fit/train_loss", "train/batch_loss",
                   "learned_at/frac_learned_pristine", "group_split/f_p",
-                  "group_split/null2/f_c", "group_split/mean_p", "coherence/alpha"):
+                  "group_split/null2/f_c", "group_split/mean_p", "batch_coherence/alpha"):
             assert f"{tag}/{m}" in names, f"{tag}/{m}"
     steps, _ = run.history("noise50/group_split/f_p")
     assert steps.tolist() == [1, 2, 3, 4]  # every step of the split window
@@ -144,22 +141,6 @@ def test_mean_over_steps_weights_by_step():
         (0.5 + 10) / 11)
 
 
-def test_instrumented_step_gradient_equals_mean_loss():
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
-    x, y = torch.randn(8, 5), torch.randint(3, (8,))
-    seen = []
-    rule = InstrumentedStep([(Coherence(), every(1))], sink=lambda s, m: seen.append((s, m)))
-    losses = rule(model, lambda o, t: F.cross_entropy(o, t, reduction="none"),
-                  Batch(x, y, torch.arange(8)))
-    got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad)
-    assert losses.shape == (8,) and seen[0][0] == 1 and "coherence/alpha" in seen[0][1]
-    assert rule.state_dict()["step"] == 1
-
-
 def test_demo_runs_label_noise_and_reports(tmp_path, monkeypatch, capsys):
     from graddyn.experiments.label_noise import LabelNoise
 
@@ -191,7 +172,7 @@ def test_minibatch_coherence_equals_streaming_coherence_on_one_batch():
     with capture(model) as cap:
         losses = F.cross_entropy(model(x), y, reduction="none")
     probe = Probe(grads=cap.backward(losses), losses=losses.detach(), targets=y)
-    fast, ref = MinibatchCoherence(), Coherence(within=False)
+    fast, ref = BatchCoherence(), Coherence(within=False)
     fast.update(probe)
     ref.update(probe)
     for key in ("alpha", "alpha_plugin", "m_coherence"):
@@ -203,17 +184,20 @@ def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypat
     records (the cumulative f_p state and the step counter live in the checkpoint)."""
     cfg = [*TINY, "noise_levels=0.5", "split_steps=10"]  # checkpoints every 3 steps
     whole = run_experiment(NAME, cfg, root=tmp_path / "a", progress=False)
-    real_call = InstrumentedStep.__call__
+    import graddyn.train._trainer as trainer_module
 
-    def crash_at_step_8(self, *args):
-        if self.step == 7:
+    real_call, calls = trainer_module.measured_backward, []
+
+    def crash_at_step_8(*args):  # the split window measures steps 1..10
+        calls.append(1)
+        if len(calls) == 8:
             raise RuntimeError("killed")
-        return real_call(self, *args)
+        return real_call(*args)
 
-    monkeypatch.setattr(InstrumentedStep, "__call__", crash_at_step_8)
+    monkeypatch.setattr(trainer_module, "measured_backward", crash_at_step_8)
     with pytest.raises(RuntimeError, match="killed"):
         run_experiment(NAME, cfg, root=tmp_path / "b", progress=False)
-    monkeypatch.setattr(InstrumentedStep, "__call__", real_call)
+    monkeypatch.setattr(trainer_module, "measured_backward", real_call)
     resumed = run_experiment(NAME, cfg, root=tmp_path / "b", resume=True, progress=False)
     for name in ("noise50/group_split/f_p", "noise50/group_split/null1/mean_c",
                  "noise50/fit/train_acc", "noise50/learned_at/mean_step_pristine"):
@@ -235,20 +219,18 @@ def test_config_rejects_bad_values(kw, msg):
 
 
 def test_helpers_raise_with_the_fix():
-    from graddyn.experiments.label_noise import CachedGrads, Fit
+    from graddyn.experiments.label_noise import Fit
 
     with pytest.raises(ValueError, match="exceeds the"):
         noisy_data(LabelNoiseConfig(n_train=10_000), load_dataset("digits"), 0.5)
-    with pytest.raises(ValueError, match="already wrote p.grad"):
-        CachedGrads(object()).sum(write_to_grad=True)
     with pytest.raises(RuntimeError, match="before any update"):
         Fit().compute()
     with pytest.raises(ValueError, match="Fit needs"):
         Fit().update(Probe())
-    with pytest.raises(ValueError, match="needs Probe"):
-        MinibatchCoherence().update(Probe())
-    with pytest.raises(RuntimeError, match="before update"):
-        MinibatchCoherence().compute()
+    with pytest.raises(ValueError, match="needs per-example gradients"):
+        BatchCoherence().update(Probe())
+    with pytest.raises(RuntimeError, match="before any update"):
+        BatchCoherence().compute()
 
 
 def test_report_of_a_run_without_metrics_says_so(tmp_path):

@@ -61,3 +61,20 @@ def test_errors():
         Coherence().update(Probe())
     with pytest.raises(ValueError, match="N >= 2"):
         coherence_from_gram(torch.ones(1, 1))
+
+
+def test_batch_coherence_is_the_mean_of_each_batch_reference(batches):
+    from graddyn.instruments import BatchCoherence
+
+    inst = BatchCoherence()
+    inst.update(batches[0])
+    one = inst.compute()
+    for k, v in reference(flat(batches[0])).items():
+        assert one[k] == pytest.approx(v, rel=1e-10)
+    for p in batches[1:]:
+        inst.update(p)
+    got = inst.compute()
+    refs = [reference(flat(p)) for p in batches]
+    for k in refs[0]:
+        assert got[k] == pytest.approx(sum(r[k] for r in refs) / 3, rel=1e-10)
+    assert got["num_batches"] == 3

@@ -6,7 +6,7 @@ import torch
 
 from graddyn.instruments import INSTRUMENTS
 
-MINE = ["coherence", "confusion", "stiffness", "gsnr", "group_split", "learned_at"]
+MINE = ["coherence", "batch_coherence", "confusion", "stiffness", "gsnr", "group_split", "learned_at"]
 
 
 @pytest.mark.parametrize("name", MINE)

@@ -36,10 +36,13 @@ def _count_inner(monkeypatch):
 def test_gram_computed_once_and_norms_from_its_diagonal(monkeypatch):
     model, x, y, grads = _setup()
     calls = _count_inner(monkeypatch)
+    built = []
+    real_self = BG.self_grams
+    monkeypatch.setattr(BG, "self_grams", lambda params: built.append(1) or real_self(params))
     first = grads.gram()
     again = [grads.gram(), grads.gram(per_layer=True), grads.cross_gram(grads), grads.norms(),
              grads.norms(per_layer=True)]
-    assert calls == {"gram": 4, "diag": 0}  # one per parameter, then never again
+    assert built == [1] and calls == {"gram": 0, "diag": 0}  # once, then never again
     assert torch.equal(again[0], first) and torch.equal(again[2], first)
     assert torch.equal(sum(again[1].values()), first)
     ref = per_example_grads(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y)
@@ -115,3 +118,20 @@ def test_flat_cache_respects_its_budget(monkeypatch):
     for _ in range(2):
         torch.testing.assert_close(g.cross_gram(test), ref @ h.T, rtol=1e-10, atol=1e-12)
     assert not test._flat and not g._flat and all(v == 2 for v in calls.values())
+
+
+def test_linear_bias_and_weight_share_one_output_gram(monkeypatch):
+    """An MLP layer's bias gradient is its weight's left factor: G G^T is multiplied once per
+    layer (2 layers x 2 operands = 4 products, not 6), and the Grams stay exact."""
+    model, x, y, grads = _setup()
+    mms = []
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__",
+                        lambda a, b: mms.append(a.shape) or real_matmul(a, b))
+    per_layer = grads.gram(per_layer=True)
+    monkeypatch.undo()
+    assert len(mms) == 4
+    ref = per_example_grads(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y)
+    for name, g in ref.items():
+        flat = g.reshape(6, -1)
+        torch.testing.assert_close(per_layer[name], flat @ flat.T)

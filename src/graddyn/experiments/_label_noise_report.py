@@ -36,7 +36,7 @@ NULL_MARGIN = 0.05  # f_p minus the largest null-world f_p, at least this
 METRICS = ("fit/train_acc", "fit/test_acc", "fit/train_loss", "learned_at/frac_learned",
            "learned_at/frac_learned_pristine", "learned_at/frac_learned_corrupt",
            "group_split/f_p", "group_split/f_c", "group_split/mean_p", "group_split/mean_c",
-           "coherence/alpha", "coherence/m_coherence")
+           "batch_coherence/alpha", "batch_coherence/m_coherence")
 
 
 def collect(runs: list[Run]) -> dict[float, dict[str, Curve]]:
@@ -142,8 +142,8 @@ def draw_report(runs: list[Run], out_dir: Path) -> list[Path]:
         ("train-acc", [("fit/train_acc", "training accuracy (noisy labels)")]),
         ("test-acc", [("fit/test_acc", "test accuracy")]),
         ("train-loss", [("fit/train_loss", "training loss (whole training set)")]),
-        ("coherence", [("coherence/alpha", "alpha (minibatch)"),
-                       ("coherence/m_coherence", "m-coherence (minibatch)")]),
+        ("coherence", [("batch_coherence/alpha", "alpha (minibatch)"),
+                       ("batch_coherence/m_coherence", "m-coherence (minibatch)")]),
     ]
     paths = [_verdict_figure(rows, out_dir / "label-noise-verdict.png")]
     paths += [_lines(hist, spec, out_dir / f"label-noise-{name}.png") for name, spec in panels]
@@ -169,7 +169,7 @@ def _lines(hist: Histories, spec: list[tuple[str, str]], path: Path) -> Path:
                 ax.plot(*h[name], color=colors[f], label=f"{round(100 * f)} % noise")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-        if name.startswith("coherence"):
+        if name.startswith("batch_coherence"):
             ax.set_xscale("symlog", linthresh=10)
     axes[0, 0].legend(fontsize=7)
     return save_figure(fig, path)

@@ -16,10 +16,11 @@ Recorded per level:
 * ``group_split/f_p``, ``f_c`` (cumulative over the first ``split_steps`` steps, on each
   training minibatch), ``mean_p`` / ``mean_c`` (cumulative per-example means of the loss
   reduction) and ``null{0,1,2}/*`` (group labels permuted: the paper's significance check);
-* ``coherence/alpha``, ``m_coherence`` of the training minibatch over training.
+* ``batch_coherence/alpha``, ``m_coherence`` of the training minibatch over training.
 
-The per-minibatch instruments reuse the training step's own backward (``InstrumentedStep``:
-captured forward, one backward gives ``p.grad`` and the Gram), so they cost little.
+The per-minibatch instruments (``Trainer(batch_instruments=...)``) reuse the training step's
+own backward (``graddyn.train.measured_backward``: one captured backward gives ``p.grad`` and
+the Gram), so they cost little.
 
 Run it::
 
@@ -30,20 +31,18 @@ Run it::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._label_noise_report import draw_report
-from graddyn.instruments import GroupSplit, Instrument, LearnedAt, Probe, coherence_from_gram
-from graddyn.train import Batch, LossFn, MeanLoss, Run, Trainer, at, at_end, every, logspaced
-from graddyn.train._rules import check_losses
+from graddyn.instruments import BatchCoherence, GroupSplit, Instrument, LearnedAt, Probe
+from graddyn.train import Run, Trainer, at, at_end, every, logspaced
 
 # The paper's length on full MNIST (our reading of its figures: 100 epochs of 600 batches).
 PAPER_STEPS = 60_000
@@ -124,146 +123,6 @@ def noisy_data(cfg: LabelNoiseConfig, splits: Any, fraction: float
     data = SimpleNamespace(train_x=x, train_y=labels, clean_y=y,
                            test_x=splits.test_x, test_y=splits.test_y)
     return data, mask
-
-
-class CachedGrads:
-    """A ``BatchGrads`` whose ``gram()``, ``norms()`` and ``sum()`` are computed once and
-    shared by every instrument of the step (each instrument asks for the Gram itself)."""
-
-    def __init__(self, grads: Any) -> None:
-        self._grads, self._cache = grads, {}
-
-    def _get(self, key: tuple, fn: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            self._cache[key] = fn()
-        return self._cache[key]
-
-    def gram(self, per_layer: bool = False) -> Any:
-        return self._get(("gram", per_layer), lambda: self._grads.gram(per_layer=per_layer))
-
-    def norms(self, per_layer: bool = False) -> Any:
-        """From the Gram's diagonal: the step's instruments need the Gram anyway (group
-        split, confusion, stiffness), so norms cost nothing extra."""
-        if per_layer:
-            return self._get(("norms", True), lambda: self._grads.norms(per_layer=True))
-        return self._get(("norms", False), lambda: self.gram().diagonal().clamp_min(0).sqrt())
-
-    def sum(self, write_to_grad: bool = False) -> dict[str, Tensor]:
-        if write_to_grad:  # the rule writes p.grad itself, once
-            raise ValueError("CachedGrads.sum(write_to_grad=True) is not supported; the "
-                             "InstrumentedStep rule already wrote p.grad")
-        return self._get(("sum",), self._grads.sum)
-
-    def __getattr__(self, name: str) -> Any:  # names, materialize, cross_gram pass through
-        return getattr(self._grads, name)
-
-
-def scalar_metrics(prefix: str, values: dict[str, Any]) -> dict[str, float]:
-    """The scalar entries of an instrument's ``compute()`` as ``{prefix/key: float}``
-    (matrices and histograms are left out)."""
-    out = {}
-    for key, v in values.items():
-        if isinstance(v, Tensor) or hasattr(v, "shape"):  # torch / NumPy
-            size = v.numel() if isinstance(v, Tensor) else v.size
-            if size != 1:
-                continue
-            v = v.item()
-        out[f"{prefix}/{key}"] = float(v)
-    return out
-
-
-class InstrumentedStep:
-    """A ``GradientRule``: the plain minibatch gradient, plus instruments measured on the
-    *training* minibatch from the same backward pass whenever one of their schedules fires.
-
-    The training forward is captured (``graddyn.capture``); one backward to the layer outputs
-    gives ``grads.sum() / B`` (== autograd of ``losses.mean()``, written into ``p.grad``) and
-    the Gram / norms the instruments read, shared through ``CachedGrads``.
-    Extra cost over plain SGD: the Gram (ghost form) and the instruments' O(B^2) work.
-    When nothing is due it is exactly ``MeanLoss``.
-
-    instruments: ``(instrument, schedule)``; the schedule is asked about the step *after*
-                 the update (1 for the first), the step the metrics are logged at, as the
-                 trainer's ``train/batch_loss``. ``reset_each_probe = False`` instruments
-                 accumulate over steps (cumulative curves) and are checkpointed.
-    sink:        ``(step, metrics)`` receiver; None keeps them in ``self.history``.
-    groups:      (N,) bool mask over the training set (True = corrupt) for ``Probe.groups``.
-    """
-
-    def __init__(self, instruments: Sequence[tuple[Instrument, Callable[[int], bool]]],
-                 sink: Callable[[int, dict[str, float]], None] | None = None,
-                 groups: Tensor | None = None) -> None:
-        self.instruments, self.sink, self.groups = list(instruments), sink, groups
-        self.step = 0  # optimizer steps taken before this call
-        self.history: list[tuple[int, dict[str, float]]] = []
-
-    def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Batch) -> Tensor:
-        due = [inst for inst, sched in self.instruments if sched(self.step + 1)]
-        if not due:
-            self.step += 1
-            return MeanLoss()(model, loss_fn, batch)
-        from graddyn.pergrad import capture
-
-        with capture(model) as cap:
-            outputs = model(batch.x)  # (B, K)
-            losses = loss_fn(outputs, batch.y)  # (B,)
-            check_losses(losses, len(batch.y))
-        # unscaled per-example gradients: the instruments' contract (eta, per-example means)
-        grads = CachedGrads(cap.backward(losses))
-        params = dict(model.named_parameters())
-        for name, g in grads.sum().items():  # p.grad was set to None by the trainer
-            params[name].grad = (g / len(batch.y)).to(params[name].dtype)  # mean gradient
-        probe = Probe(grads=grads, losses=losses.detach(), outputs=outputs.detach(),
-                      targets=batch.y, indices=batch.indices, step=self.step, model=model,
-                      groups=None if self.groups is None else self.groups[batch.indices])
-        self.step += 1
-        metrics: dict[str, float] = {}
-        for inst in due:
-            if getattr(inst, "reset_each_probe", True):
-                inst.reset()
-            inst.update(probe)
-            metrics.update(scalar_metrics(inst.name, inst.compute()))
-        if self.sink is None:
-            self.history.append((self.step, metrics))
-        else:
-            self.sink(self.step, metrics)
-        return losses.detach()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "instruments": [
-            inst.state_dict() if hasattr(inst, "state_dict") else None
-            for inst, _ in self.instruments]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        for (inst, _), sd in zip(self.instruments, state["instruments"]):
-            if sd is not None:
-                inst.load_state_dict(sd)  # type: ignore[attr-defined]
-
-
-class MinibatchCoherence(Instrument):
-    """alpha and m-coherence of one batch from its Gram (``coherence_from_gram``:
-    |sum_i g_i|^2 = 1^T G 1): O(B^2) from the Gram the step shares, where the streaming
-    ``Coherence`` (pairs across batches) also sums P-sized gradients. Keys: alpha,
-    alpha_plugin, m_coherence (Chatterjee & Zielinski 2020)."""
-
-    name: ClassVar[str] = "coherence"
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._gram: Tensor | None = None
-
-    def update(self, probe: Probe) -> None:
-        if probe.grads is None:
-            raise ValueError("MinibatchCoherence needs Probe(grads=cap.backward(losses))")
-        self._gram = probe.grads.gram().detach()  # (B, B); one batch: no accumulation
-
-    def compute(self) -> dict[str, Any]:
-        if self._gram is None:
-            raise RuntimeError("MinibatchCoherence.compute() before update(); call update")
-        return dict(coherence_from_gram(self._gram))
 
 
 class Fit(Instrument):
@@ -362,20 +221,15 @@ class LabelNoise(Experiment):
                             depth=1, init=cfg.init).to(data.train_x.dtype)
         sched = _schedules(cfg)
 
-        def sink(step: int, metrics: dict[str, float]) -> None:
-            if run is not None:
-                run.log(step, {f"{tag}/{k}": v for k, v in metrics.items()})
-
-        rule = InstrumentedStep(
-            [(GroupSplit(cfg.null_worlds, cfg.seed, cumulative=True), sched["split"]),
-             (MinibatchCoherence(), sched["coherence"])],
-            sink=sink, groups=mask)
         trainer = Trainer(
             model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-            batch_size=cfg.batch_size, seed=cfg.seed, rule=rule, groups=mask, run=run,
+            batch_size=cfg.batch_size, seed=cfg.seed, groups=mask, run=run,
             tag=tag, probe_size=cfg.probe_size or len(data.train_y), probe_batch_size=1000,
             instruments=[(Fit(data.test_x, data.test_y), sched["eval"]),
                          (LearnedAt(run_long=True), sched["eval"])],
+            batch_instruments=[
+                (GroupSplit(cfg.null_worlds, cfg.seed, cumulative=True), sched["split"]),
+                (BatchCoherence(), sched["coherence"])],
             eval_schedule=None, checkpoint_schedule=sched["checkpoint"])
         trainer.fit(cfg.total_steps)
         if run is not None:  # a finished level needs only its last checkpoint (6 MB each)

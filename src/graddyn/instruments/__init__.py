@@ -1,11 +1,17 @@
 """Instruments: pure functions and thin ``update / compute / reset`` classes that turn per-example
 gradients into numbers. See ``_base.py`` for the contract.
 
-Registered names: coherence, confusion, stiffness, gsnr, group_split, learned_at, spectrum, margin.
+Registered names: coherence, batch_coherence, confusion, stiffness, gsnr, group_split,
+learned_at, spectrum, margin.
 """
 
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
-from graddyn.instruments.coherence import Coherence, coherence_from_gram, coherence_from_sums
+from graddyn.instruments.coherence import (
+    BatchCoherence,
+    Coherence,
+    coherence_from_gram,
+    coherence_from_sums,
+)
 from graddyn.instruments.confusion import (
     Confusion,
     confusion_from_gram,
@@ -23,6 +29,7 @@ from graddyn.instruments.stiffness import Stiffness, stiffness_from_sums, stiffn
 __all__ = [
     "GSNR",
     "INSTRUMENTS",
+    "BatchCoherence",
     "Coherence",
     "Confusion",
     "GroupSplit",

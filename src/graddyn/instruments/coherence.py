@@ -103,3 +103,33 @@ class Coherence(Instrument):
             out["m_coherence_within"] = sum(self._within) / len(self._within)
         out["num_examples"] = self._n
         return out
+
+
+@INSTRUMENTS.register("batch_coherence")
+class BatchCoherence(Instrument):
+    """alpha and m-coherence of each batch from its Gram alone (``coherence_from_gram``:
+    |S|^2 = 1^T G 1), O(B^2): the cheap form for measuring the training minibatch every step,
+    where ``Coherence`` pools pairs *across* batches and so also sums P-sized gradients.
+    Over several updates (e.g. probe chunks) the per-batch values are averaged. Keys: alpha,
+    alpha_plugin, m_coherence, num_batches."""
+
+    name = "batch_coherence"
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._values: list[dict[str, float]] = []
+
+    def update(self, probe: Probe) -> None:
+        gram = require_grads(probe, "BatchCoherence").gram().detach()  # (B, B)
+        self._values.append(coherence_from_gram(gram))
+
+    def compute(self) -> dict[str, Any]:
+        if not self._values:
+            raise empty_error("BatchCoherence")
+        keys = self._values[0]
+        out: dict[str, Any] = {k: sum(v[k] for v in self._values) / len(self._values)
+                               for k in keys}
+        out["num_batches"] = len(self._values)
+        return out

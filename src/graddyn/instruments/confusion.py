@@ -23,12 +23,16 @@ are exact.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from graddyn._gram import cosine_matrix, cosines_of
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -38,16 +42,26 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 NUM_BINS = 20
 
 
+@functools.lru_cache(maxsize=16)
+def _upper_flat_index(b: int, device: torch.device) -> Tensor:
+    """Flat positions i * b + j of the pairs i < j of a (b, b) matrix (row-major), cached:
+    instruments measured every step should not rebuild it."""
+    i, j = torch.triu_indices(b, b, offset=1, device=device)
+    return i * b + j
+
+
 def pairwise_cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
-    """Off-diagonal inner products and cosines (upper triangle, i < j) of a (B, B) Gram."""
+    """Off-diagonal inner products and cosines (upper triangle, i < j, row-major) of a (B, B)
+    Gram -> two (B(B-1)/2,) tensors."""
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    i, j = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1, device=gram.device)
-    inner = gram[i, j]
-    denom = norms[i] * norms[j]
-    cos = torch.where(denom > 0, inner / denom.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
-    return inner, cos.clamp(-1.0, 1.0)
+    return upper_pairs(gram, cosine_matrix(gram))
+
+
+def upper_pairs(gram: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
+    """The pairs i < j (row-major) of a (B, B) Gram and its cosine matrix."""
+    idx = _upper_flat_index(gram.shape[0], gram.device)
+    return torch.take(gram, idx), torch.take(cos, idx)
 
 
 def cosine_histogram(cos: Tensor, num_bins: int = NUM_BINS) -> Tensor:
@@ -56,18 +70,39 @@ def cosine_histogram(cos: Tensor, num_bins: int = NUM_BINS) -> Tensor:
     return torch.bincount(idx, minlength=num_bins)
 
 
+def sorted_quantiles(values: Tensor, quantiles: Sequence[float]) -> list[float]:
+    """Quantiles of ``values`` with linear interpolation (``torch.quantile``'s default and
+    NumPy's "linear"), from one sort in float64. On the CPU the sort is NumPy's (about 10x
+    faster than ``torch.sort`` for the ~5,000 pair cosines of a batch of 100)."""
+    if values.device.type == "cpu":
+        s = np.sort(values.detach().numpy().astype(np.float64))
+    else:
+        s = values.detach().double().sort().values.cpu().numpy()
+    n = s.size
+    out = []
+    for q in quantiles:
+        pos = q * (n - 1)
+        lo = min(int(math.floor(pos)), n - 1)
+        hi = min(lo + 1, n - 1)
+        a, b = float(s[lo]), float(s[hi])
+        out.append(a + (pos - lo) * (b - a))
+    return out
+
+
 def confusion_stats(
     inner: Tensor, cos: Tensor, quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS
 ) -> dict[str, Any]:
     """eta, min/mean cosine, quantiles ``cos_q{100q:g}`` and ``cos_hist`` from pair values."""
+    min_inner, min_cos, mean_cos = torch.stack(
+        [inner.min().to(cos.dtype), cos.min(), cos.mean()]).tolist()
     out: dict[str, Any] = {
-        "eta": max(0.0, -float(inner.min())),
-        "min_inner": float(inner.min()),
-        "min_cosine": float(cos.min()),
-        "mean_cosine": float(cos.mean()),
+        "eta": max(0.0, -min_inner),
+        "min_inner": min_inner,
+        "min_cosine": min_cos,
+        "mean_cosine": mean_cos,
     }
-    qs = torch.quantile(cos.double(), torch.tensor(list(quantiles), dtype=torch.float64))
-    out.update({f"cos_q{100 * q:g}": float(v) for q, v in zip(quantiles, qs)})
+    qs = sorted_quantiles(cos, quantiles)
+    out.update({f"cos_q{100 * q:g}": v for q, v in zip(quantiles, qs)})
     out["cos_hist"] = cosine_histogram(cos, num_bins)
     out["num_pairs"] = cos.numel()
     return out
@@ -134,14 +169,20 @@ class Confusion(Instrument):
         self._cos: list[Tensor] = []
 
     def update(self, probe: Probe) -> None:
-        gram = require_grads(probe, "Confusion").gram().detach()
-        inner, cos = pairwise_cosines(gram)
+        grads = require_grads(probe, "Confusion")
+        gram = grads.gram().detach()
+        if gram.dim() != 2 or gram.shape[0] < 2:
+            raise ValueError(f"need a square Gram of at least 2 gradients, got "
+                             f"{tuple(gram.shape)}")
+        inner, cos = upper_pairs(gram, cosines_of(grads))
         self._inner.append(inner)
         self._cos.append(cos)
 
     def compute(self) -> dict[str, Any]:
         if not self._cos:
             raise empty_error("Confusion")
-        return confusion_stats(
-            torch.cat(self._inner), torch.cat(self._cos), self.quantiles, self.num_bins
-        )
+        def joined(parts: list[Tensor]) -> Tensor:  # one batch (every step): no copy
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        return confusion_stats(joined(self._inner), joined(self._cos), self.quantiles,
+                               self.num_bins)

@@ -24,53 +24,54 @@ from typing import Any
 
 import torch
 
+from graddyn._gram import cosine_matrix, cosines_of
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
-from graddyn.instruments.confusion import pairwise_cosines
 
 Tensor = torch.Tensor
 
 
-def _cosine_matrix(gram: Tensor) -> Tensor:
-    b = gram.shape[0]
-    i, j = torch.triu_indices(b, b, offset=1, device=gram.device)
-    cos = torch.zeros_like(gram)
-    _, c = pairwise_cosines(gram)
-    cos[i, j] = c
-    return cos + cos.T  # zero diagonal: i = j pairs are excluded
-
-
 def stiffness_sums(
-    gram: Tensor, labels: Tensor, num_classes: int
+    gram: Tensor, labels: Tensor, num_classes: int, cosines: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per class pair (a, b): sums of cosine and of sign stiffness, and ordered-pair counts,
-    each (K, K), over pairs i != j of one batch."""
+    each (K, K), over pairs i != j of one batch. ``cosines``: the Gram's (B, B) cosine matrix
+    if already at hand."""
     b = gram.shape[0]
     if labels.shape != (b,):
         raise ValueError(f"labels must be ({b},) to match the Gram, got {tuple(labels.shape)}")
-    if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+    lo, hi = torch.aminmax(labels)
+    if int(hi) >= num_classes or int(lo) < 0:
         raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
+    if b < 2:
+        raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
     onehot = torch.nn.functional.one_hot(labels.long(), num_classes).to(gram.dtype)  # (B, K)
-    off = 1.0 - torch.eye(b, dtype=gram.dtype, device=gram.device)
-    sign = torch.sign(gram) * off
-    counts = onehot.T @ off @ onehot
-    return onehot.T @ _cosine_matrix(gram) @ onehot, onehot.T @ sign @ onehot, counts
+    # (2, B, B): cosine and sign stiffness of every ordered pair, zero on the diagonal (i = j)
+    cos = cosine_matrix(gram) if cosines is None else cosines
+    pairs = torch.stack([cos, torch.sign(gram)])
+    pairs.diagonal(dim1=1, dim2=2).zero_()
+    cos, sign = onehot.T @ pairs @ onehot  # (2, K, K)
+    n = onehot.sum(0)  # (K,) examples per class
+    counts = torch.outer(n, n) - torch.diag(n)  # ordered pairs i != j per class pair
+    return cos, sign, counts
 
 
 def stiffness_from_sums(cos: Tensor, sign: Tensor, counts: Tensor) -> dict[str, Any]:
     """Means from class-pair sums: within / between / overall, and the class x class matrices
     (NaN where a class pair has no pairs)."""
-    eye = torch.eye(counts.shape[0], dtype=torch.bool, device=counts.device)
+    # totals: [all, within (diagonal)] for counts, cos, sign -> one conversion to Python
+    sums = torch.stack([counts, cos, sign])  # (3, K, K)
+    total = torch.stack([sums.sum((1, 2)), sums.diagonal(dim1=1, dim2=2).sum(1)])  # (2, 3)
+    (n_all, c_all, s_all), (n_in, c_in, s_in) = total.tolist()
 
-    def mean(s: Tensor, mask: Tensor) -> float:
-        n = counts[mask].sum()
-        return float(s[mask].sum() / n) if n > 0 else float("nan")
+    def ratio(s: float, n: float) -> float:
+        return s / n if n > 0 else float("nan")
 
     out: dict[str, Any] = {}
-    for key, s in (("cosine", cos), ("sign", sign)):
-        out[f"{key}_within"] = mean(s, eye)
-        out[f"{key}_between"] = mean(s, ~eye)
-        out[f"{key}"] = mean(s, torch.ones_like(eye))
+    for key, s, s_tot, s_in_ in (("cosine", cos, c_all, c_in), ("sign", sign, s_all, s_in)):
+        out[f"{key}_within"] = ratio(s_in_, n_in)
+        out[f"{key}_between"] = ratio(s_tot - s_in_, n_all - n_in)
+        out[f"{key}"] = ratio(s_tot, n_all)
         out[f"{key}_matrix"] = torch.where(counts > 0, s / counts.clamp_min(1), float("nan"))
     return out
 
@@ -93,13 +94,14 @@ class Stiffness(Instrument):
         self._sums: list[Tensor] | None = None
 
     def update(self, probe: Probe) -> None:
-        gram = require_grads(probe, "Stiffness").gram().detach()
+        grads = require_grads(probe, "Stiffness")
+        gram = grads.gram().detach()
         if probe.targets is None:
             raise ValueError("Stiffness needs labels: pass Probe(targets=y, ...)")
         k = self.num_classes or int(probe.targets.max()) + 1
         if self._sums is not None and not self.num_classes and self._sums[0].shape[0] > k:
             k = self._sums[0].shape[0]
-        new = stiffness_sums(gram, probe.targets.to(gram.device), k)
+        new = stiffness_sums(gram, probe.targets.to(gram.device), k, cosines_of(grads))
         if self._sums is None:
             self._sums = list(new)
             return

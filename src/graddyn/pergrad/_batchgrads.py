@@ -22,9 +22,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .._gram import cosine_matrix
 from .._robust import check_c, extremes_correction
 from ._factors import chunks
-from ._paramgrads import FlatCache, ParamGrads, _flat, inner
+from ._paramgrads import FlatCache, ParamGrads, _flat, inner, self_grams
 
 
 class BatchGrads:
@@ -40,6 +41,7 @@ class BatchGrads:
         self.batch_shape = tuple(batch_shape)
         self._grams: dict[str, Tensor] | None = None  # name -> (N, N) flat, computed once
         self._gram_total: Tensor | None = None
+        self._cosines: Tensor | None = None  # (N, N), from the Gram
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised by cross_gram, kept
 
@@ -72,7 +74,7 @@ class BatchGrads:
     def _layer_grams(self) -> dict[str, Tensor]:
         """name -> (N, N) per-layer Gram, computed on first use and kept (read-only)."""
         if self._grams is None:
-            self._grams = {k: inner(pg, pg) for k, pg in self._params.items()}
+            self._grams = self_grams(self._params)
         return self._grams
 
     def gram(self, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
@@ -88,6 +90,15 @@ class BatchGrads:
         if self._gram_total is None:
             self._gram_total = sum(grams.values())
         return self._out(self._gram_total, *shapes).clone()
+
+    def cosines(self) -> Tensor:
+        """C[i, j] = <g_i, g_j> / (|g_i| |g_j|) -> (B, B) (mode='loss'), 0 for a zero gradient;
+        from the memoised Gram, computed once (confusion and stiffness share it); a copy."""
+        if len(self.batch_shape) > 1:
+            raise ValueError("cosines() is defined for mode='loss' only.")
+        if self._cosines is None:
+            self._cosines = cosine_matrix(self._out(self.gram(), self.batch_shape * 2))
+        return self._cosines.clone()
 
     def ntk(self) -> Tensor:
         """Empirical NTK of mode='output': Theta[b, k, c, l] = <df_k(x_b), df_l(x_c)>."""
@@ -117,11 +128,13 @@ class BatchGrads:
             return {k: self._out(v, *shapes) for k, v in res.items()}
         return self._out(sum(res.values()), *shapes)
 
-    def sum(self, write_to_grad: bool = False) -> dict[str, Tensor]:
+    def sum(self, write_to_grad: bool = False, scale: float = 1.0) -> dict[str, Tensor]:
         """sum_n g_n per parameter: exactly autograd of ``(scale * losses).sum()``.
 
         mode='output': dict name -> (K, *shape), the gradient of each summed output.
         ``write_to_grad=True`` (mode='loss') adds it into ``param.grad`` like ``backward()``.
+        ``scale`` (mode='loss'): returns ``scale * sum_n g_n`` (1/N: the mean gradient) at no
+        extra cost (it multiplies the smaller factor, not the P results).
         """
         if len(self.batch_shape) > 1:
             if write_to_grad:
@@ -129,7 +142,7 @@ class BatchGrads:
             k = self.batch_shape[1]
             return {name: pg.materialize().reshape(-1, k, *pg.shape).sum(0).detach()
                     for name, pg in self._params.items()}
-        out = {name: pg.total().detach() for name, pg in self._params.items()}
+        out = {name: pg.total(scale).detach() for name, pg in self._params.items()}
         if write_to_grad:
             for name, pg in self._params.items():
                 p = pg.param

@@ -86,14 +86,21 @@ class Outer:
             parts.append(torch.bmm(lt, self.right[:, g]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def total(self) -> Tensor:
-        """sum_n g_n -> (Gb, p, q): what autograd gives for the summed loss."""
+    def total(self, scale: float = 1.0) -> Tensor:
+        """scale * sum_n g_n -> (Gb, p, q): what autograd gives for the (scaled) summed loss.
+        ``scale`` goes on the smaller of the two factors (no extra pass over p x q)."""
         n, gb, t, q = self.right.shape
+        left, right = self.left, self.right
+        if scale != 1.0:
+            if self.index or q <= self.p:
+                right = right * scale
+            else:
+                left = left * scale
         if self.index:
-            out = self.right.new_zeros(self.p, q)
-            return out.index_add_(0, self.left.reshape(-1), self.right.reshape(-1, q))[None]
-        lt = self.left.transpose(0, 1).reshape(gb, n * t, self.p).transpose(1, 2)
-        return torch.bmm(lt, self.right.transpose(0, 1).reshape(gb, n * t, q))
+            out = right.new_zeros(self.p, q)
+            return out.index_add_(0, left.reshape(-1), right.reshape(-1, q))[None]
+        lt = left.transpose(0, 1).reshape(gb, n * t, self.p).transpose(1, 2)
+        return torch.bmm(lt, right.transpose(0, 1).reshape(gb, n * t, q))
 
 
 def _kernel(a: Outer, b: Outer) -> Tensor:

@@ -105,12 +105,16 @@ class ParamGrads:
             torch.bmm(left.transpose(1, 2), right, out=out)
         return out.view(self.n, w)
 
-    def total(self) -> Tensor:
-        """sum_n g_n -> shape; what autograd gives for the summed loss."""
+    def total(self, scale: float = 1.0) -> Tensor:
+        """scale * sum_n g_n -> shape; what autograd gives for the (scaled) summed loss.
+
+        ``scale`` multiplies the smaller factor (N x min(p, q) numbers) before the product, so
+        the mean gradient (scale = 1/N) costs no extra pass over the P outputs."""
         # Summed in place into the first contribution: a fresh zeros tensor plus an add per
         # use would cost two extra passes over P values (measurable on a 784x2048 layer).
-        parts = [] if self.dense is None else [self.dense.sum(0)]
-        parts += [f.total().reshape(self.shape) for f in self.factors]
+        parts = [] if self.dense is None else [self.dense.sum(0) * scale if scale != 1.0
+                                               else self.dense.sum(0)]
+        parts += [f.total(scale).reshape(self.shape) for f in self.factors]
         if not parts:
             return self.param.new_zeros(self.shape).detach()
         out = parts[0]
@@ -207,3 +211,29 @@ def inner(a: ParamGrads, b: ParamGrads, diag: bool = False, cache_a: FlatCache |
     if a is b:  # Gram / norms of one batch: build the per-example gradients once
         return (ma * ma).sum(1) if diag else ma @ ma.T
     return (ma * mb).sum(1) if diag else dense_cross(ma, mb)
+
+
+def self_grams(params: dict[str, ParamGrads]) -> dict[str, Tensor]:
+    """Per-parameter Grams of one batch, name -> (N, N), as ``inner(pg, pg)``, except that
+    a (N, d) operand shared by several parameters is multiplied once: a Linear's bias gradient
+    (N, out) is its weight's left factor, so the (N, N) product G G^T (N^2 out flops, e.g.
+    20 MFLOP for a 2048-wide layer at N = 100) serves both."""
+    memo: dict[tuple, Tensor] = {}
+
+    def gram2d(t: Tensor) -> Tensor:  # (N, d) -> (N, N)
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in memo:
+            memo[key] = t @ t.T
+        return memo[key]
+
+    out = {}
+    for name, pg in params.items():
+        f = pg.factors[0] if len(pg.factors) == 1 else None
+        if (pg.dense is None and f is not None and not f.index and f.layout[0] == f.t == 1
+                and pg.strategy in ("auto", "ghost")):  # an MLP layer: ghost always wins
+            out[name] = gram2d(f.left[:, 0, 0]) * gram2d(f.right[:, 0, 0])
+        elif pg.dense is not None and not pg.factors and pg.dense.dim() == 2:
+            out[name] = gram2d(pg.dense)
+        else:
+            out[name] = inner(pg, pg)
+    return out

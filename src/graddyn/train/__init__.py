@@ -1,11 +1,13 @@
 """The training loop, schedules, events, the run store, checkpoints and report helpers.
 
 One small explicit loop (``Trainer``) whose extension points are: a ``GradientRule`` (how a
-batch becomes ``p.grad``), interventions acting at ``Event``s, and instruments on schedules.
+batch becomes ``p.grad``), interventions acting at ``Event``s, and instruments on schedules,
+measured on a fixed probe set or on each training minibatch from the step's own backward.
 Runs live in a ``RunStore`` (SQLite + checkpoint files) and resume bit for bit.
 """
 
 from graddyn.train._events import Batch, Event, Intervention, OnEvent, State
+from graddyn.train._measured import measured_backward
 from graddyn.train._probes import Engine, pergrad_engine
 from graddyn.train._report import new_figure, plot_histories, save_figure, write_html_report
 from graddyn.train._rng import get_rng_state, seed_all, set_rng_state
@@ -25,7 +27,7 @@ __all__ = [
     "Batch", "Engine", "Event", "GradientRule", "Intervention", "LossFn", "MeanLoss",
     "NonFiniteLossError", "OnEvent", "Run", "RunExistsError", "RunNotFoundError", "RunStore",
     "Schedule", "State", "Trainer", "at", "at_end", "every", "fires", "get_rng_state",
-    "git_sha", "logspaced", "new_figure", "package_versions", "per_example_cross_entropy",
-    "pergrad_engine", "plot_histories", "save_figure", "seed_all", "set_progress",
-    "set_rng_state", "write_html_report",
+    "git_sha", "logspaced", "measured_backward", "new_figure", "package_versions",
+    "per_example_cross_entropy", "pergrad_engine", "plot_histories", "save_figure",
+    "seed_all", "set_progress", "set_rng_state", "write_html_report",
 ]

@@ -10,7 +10,7 @@ over the whole run, such as "first step each example is learned") and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -79,26 +79,11 @@ class ProbeRunner:
         due = self.due(step, last)
         if not due:
             return {}, {}
-        for inst in due:
-            if getattr(inst, "reset_each_probe", True):
-                inst.reset()
         need_grads = any(inst.needs_grads for inst in due)
         with preserved_buffers(model):
-            for idx in self.chunks:
-                probe = self._probe(step, model, loss_fn, x[idx], y[idx], idx, groups, need_grads)
-                for inst in due:
-                    inst.update(probe)
-        scalars: dict[str, float] = {}
-        arrays: dict[str, Any] = {}
-        for inst in due:
-            for key, value in inst.compute().items():
-                name = f"{inst.name}/{key}"
-                as_float = _as_metric(value)
-                if as_float is None:
-                    arrays[name] = value
-                else:
-                    scalars[name] = as_float
-        return scalars, arrays
+            probes = (self._probe(step, model, loss_fn, x[idx], y[idx], idx, groups, need_grads)
+                      for idx in self.chunks)
+            return measure(due, probes)
 
     def _probe(
         self, step: int, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
@@ -122,6 +107,29 @@ class ProbeRunner:
     def load_state_dicts(self, states: list[Any]) -> None:
         for (inst, _), sd in zip(self.instruments, states):
             load_state_dict_into(inst, sd)
+
+
+def measure(due: Sequence[Instrument], probes: Iterable[Probe]
+            ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Reset (unless run-long), update with every probe, compute: (scalar metrics,
+    array-valued results) keyed ``"<instrument.name>/<key>"``."""
+    for inst in due:
+        if getattr(inst, "reset_each_probe", True):
+            inst.reset()
+    for probe in probes:
+        for inst in due:
+            inst.update(probe)
+    scalars: dict[str, float] = {}
+    arrays: dict[str, Any] = {}
+    for inst in due:
+        for key, value in inst.compute().items():
+            name = f"{inst.name}/{key}"
+            as_float = _as_metric(value)
+            if as_float is None:
+                arrays[name] = value
+            else:
+                scalars[name] = as_float
+    return scalars, arrays
 
 
 @contextmanager

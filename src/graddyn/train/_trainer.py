@@ -23,12 +23,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from graddyn.instruments._base import Instrument
+from graddyn.instruments._base import Instrument, Probe
 from graddyn.train._events import Batch, Event, Intervention, State
+from graddyn.train._measured import measured_backward
 from graddyn.train._probes import (
     Engine,
     ProbeRunner,
     load_state_dict_into,
+    measure,
     pergrad_engine,
     state_dict_of,
 )
@@ -67,6 +69,10 @@ class Trainer:
     rule:        fills ``p.grad`` for a batch (default ``MeanLoss``); see ``GradientRule``.
     instruments: ``(instrument, schedule)`` pairs, measured on the probe set of ``probe_size``
                  fixed training examples (all if fewer), ``probe_batch_size`` per engine pass.
+    batch_instruments: ``(instrument, schedule)`` pairs measured on each *training* minibatch
+                 from the step's own backward (``measured_backward``: no second pass, the
+                 cheap way to measure every step), at the weights before the update and logged
+                 at the step after it (as ``train/batch_loss``). Needs the default rule.
     engine:      per-example gradients for probes; default ``graddyn.capture``.
     tag:         prefix of metric names and subfolder of checkpoints, so several trainers can
                  share one run (e.g. one per noise level).
@@ -84,6 +90,7 @@ class Trainer:
         rule: GradientRule | None = None,
         interventions: Sequence[Intervention] = (),
         instruments: Sequence[tuple[Instrument, Schedule]] = (),
+        batch_instruments: Sequence[tuple[Instrument, Schedule]] = (),
         probe_size: int = 256,
         probe_batch_size: int | None = None,
         engine: Engine = pergrad_engine,
@@ -107,6 +114,11 @@ class Trainer:
             )
         if groups is not None and groups.shape != (n,):
             raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
+        if batch_instruments and rule is not None and not isinstance(rule, MeanLoss):
+            raise ValueError(
+                "batch_instruments reuse the plain mean-gradient backward, so they cannot be "
+                f"combined with rule={type(rule).__name__}; measure them on the probe set "
+                "(instruments=...) instead")
         self.loss_fn, self.rule = loss_fn, rule or MeanLoss()
         self.interventions = list(interventions)
         self.groups, self.run, self.lr_scheduler = groups, run, lr_scheduler
@@ -119,6 +131,14 @@ class Trainer:
         probe_gen = torch.Generator().manual_seed(seed + 7919)  # independent of data order
         probe_idx = torch.randperm(n, generator=probe_gen)[: min(probe_size, n)].sort().values
         self.probes = ProbeRunner(instruments, probe_idx, probe_batch_size, engine)
+        self.batch_probes = ProbeRunner(batch_instruments, probe_idx[:0], None, engine)
+        clash = ({i.name for i, _ in self.probes.instruments}
+                 & {i.name for i, _ in self.batch_probes.instruments})
+        if clash:
+            raise ValueError(f"instruments {sorted(clash)} are both probe and batch "
+                             "instruments; their metrics would share names: keep one")
+        # (due instruments, Probe of the training batch) between the step and its record
+        self._batch_probe: tuple[list[Instrument], Probe] | None = None
         self._gen = torch.Generator().manual_seed(seed)
         self._epoch_gen_state = self._gen.get_state()  # state before this epoch's permutation
         self._perm: Tensor | None = None
@@ -164,7 +184,17 @@ class Trainer:
         st.batch = Batch(self.x[idx], self.y[idx], idx)
         self._fire(Event.BATCH_START, st)
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.rule(self.model, self.loss_fn, st.batch)  # (B,)
+        due = self.batch_probes.due(st.step + 1, st.step + 1 == st.max_steps)
+        if due:  # measured on this batch, at these weights: the step's own backward
+            losses, grads, outputs = measured_backward(self.model, self.loss_fn,
+                                                       st.batch.x, st.batch.y)
+            idx = st.batch.indices
+            self._batch_probe = (due, Probe(
+                grads=grads, losses=losses, outputs=outputs, targets=st.batch.y, indices=idx,
+                groups=None if self.groups is None else self.groups[idx], step=st.step,
+                model=self.model))
+        else:
+            losses = self.rule(self.model, self.loss_fn, st.batch)  # (B,)
         if not bool(torch.isfinite(losses).all()):
             raise NonFiniteLossError(
                 f"training loss is not finite at step {st.step + 1} (mean {losses.mean():.4g}); "
@@ -193,6 +223,12 @@ class Trainer:
             st.step, last, self.model, self.loss_fn, self.x, self.y, self.groups
         )
         metrics.update(scalars)
+        if self._batch_probe is not None:
+            due, probe = self._batch_probe
+            batch_scalars, batch_arrays = measure(due, [probe])
+            self._batch_probe = None
+            metrics.update(batch_scalars)
+            arrays = {**arrays, **batch_arrays}
         self._log(st.step, metrics, arrays)
         if st.batch is not None:
             self._fire(Event.BATCH_END, st)
@@ -263,6 +299,7 @@ class Trainer:
             "rule": state_dict_of(self.rule),
             "interventions": [state_dict_of(iv) for iv in self.interventions],
             "instruments": self.probes.state_dicts(),
+            "batch_instruments": self.batch_probes.state_dicts(),
         }
 
     def load_checkpoint_state(self, st: State, ck: dict[str, Any]) -> None:
@@ -274,6 +311,7 @@ class Trainer:
         for iv, sd in zip(self.interventions, ck["interventions"]):
             load_state_dict_into(iv, sd)
         self.probes.load_state_dicts(ck["instruments"])
+        self.batch_probes.load_state_dicts(ck.get("batch_instruments", []))
         set_rng_state(ck["rng"])
         self._gen.set_state(ck["data_rng"])
         self._epoch_gen_state = ck["data_rng"]

@@ -1,0 +1,54 @@
+"""Instruments on the *training* minibatch, from the training step's own backward pass.
+
+``measured_backward`` is the plain minibatch gradient (what ``MeanLoss`` gives) computed
+through ``graddyn.capture``: one forward, one backward to the layer outputs, then
+``p.grad = sum_n g_n / B`` from the factors (the same matmuls autograd would do) and the
+per-example gradients of the same batch (``BatchGrads``: Gram, norms, ...) for free. The
+extra cost over a plain step is what the instruments ask for (e.g. the Gram: for an MLP
+layer two (B, B) products), not a second pass.
+
+Use it in your own loop::
+
+    losses, grads, outputs = measured_backward(model, loss_fn, x, y)   # p.grad is set
+    confusion.update(Probe(grads=grads, losses=losses, outputs=outputs, targets=y))
+    optimizer.step()
+
+The ``Trainer`` does this for its ``batch_instruments`` on the steps they are due.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graddyn.train._rules import LossFn, check_losses
+
+
+def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor
+                      ) -> tuple[Tensor, Any, Tensor]:
+    """Adds the mean-loss gradient to ``p.grad`` (like ``loss_fn(model(x), y).mean()
+    .backward()``) and returns ``(losses (B,), BatchGrads of the unscaled per-example
+    losses, outputs)``, both tensors detached."""
+    from graddyn.pergrad import capture
+
+    with capture(model) as cap:
+        outputs = model(x)
+        losses = loss_fn(outputs, y)  # (B,)
+        check_losses(losses, len(y))
+    grads = cap.backward(losses)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(grads.names))
+    if missing:  # never train with a silently missing gradient
+        raise RuntimeError(f"the captured backward gave no gradient for {missing}; measure "
+                           "these instruments on a probe set (Trainer(instruments=...)) instead")
+    with torch.no_grad():
+        for name, g in grads.sum(scale=1.0 / len(y)).items():  # fresh tensors, no copy needed
+            p = trainable[name]
+            g = g.to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+    return losses.detach(), grads, outputs.detach()
