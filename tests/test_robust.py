@@ -43,11 +43,18 @@ def test_c_zero_is_exactly_the_mean():
     assert torch.equal(R.winsorized_mean_chunked(x, 0, memory_budget_bytes=8), x.mean(0))
 
 
+@pytest.mark.parametrize("kernel_on", [True, False], ids=["kernel", "eager"])
 @pytest.mark.parametrize("c", [1, 3, 4, 7])
-def test_chunked_equals_unchunked_exactly(c, monkeypatch):
+def test_chunked_equals_unchunked_exactly(c, kernel_on, monkeypatch):
+    monkeypatch.setattr(R.kernel, "ENABLED", kernel_on)
     x = torch.randn(20, 1000, dtype=torch.float32)
     full = R.winsorized_mean_rows(x, c)
-    assert torch.equal(R.winsorized_mean_chunked(x, c, memory_budget_bytes=20 * 4 * 2 * 77), full)
+    whole = R.winsorized_mean_chunked(x, c, memory_budget_bytes=1 << 30)
+    assert torch.equal(R.winsorized_mean_chunked(x, c, memory_budget_bytes=20 * 4 * 2 * 77), whole)
+    if kernel_on:  # the kernel sums its correction in another order: equal up to rounding
+        torch.testing.assert_close(whole, full, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(whole, full)
     monkeypatch.setattr(R, "BLOCK_ELEMENTS", 20 * 13)  # many internal blocks
     assert torch.equal(R.winsorized_mean_rows(x, c), full)
 

@@ -17,7 +17,13 @@ numpy's "nearest" rule picks exactly the sorted indices ``c`` and ``B - 1 - c``,
 (``percentile_for_c`` / ``c_for_percentile`` convert). Ties need no care: clipping by value
 gives the same result whichever of several equal values is called "the" (c+1)-th.
 
-Cost: ``c = 0`` is the plain mean. For ``c + 1 <= TREE_MAX_K`` (c <= 12) no sort: a
+This module is the eager PyTorch implementation and the reference: ``winsorized_mean_rows``
+and ``extremes_correction`` run anywhere (any device, any float dtype). The compiled kernel
+(``graddyn._robust_kernel``, numba) computes the same correction several times faster on CPU;
+``winsorized_mean_chunked`` and ``BatchGrads.winsorized_mean`` use it when it is usable and
+fall back to the functions here otherwise (``GRADDYN_NO_KERNEL=1`` forces the fallback).
+
+Cost (eager): ``c = 0`` is the plain mean. For ``c + 1 <= TREE_MAX_K`` (c <= 12) no sort: a
 tournament of elementwise max/min merges of sorted top-(c+1) / bottom-(c+1) lists over row
 pairs, in cache-sized column blocks: about 2 + (c + 1)^2 elementwise ops per element
 (c = 1: ~6 passes; measured 3-10x faster than ``sort`` at c = 1..8, B = 100). Larger ``c``
@@ -35,6 +41,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from . import _robust_kernel as kernel
 
 Tensor = torch.Tensor
 _Op = Callable[[Tensor, Tensor], Tensor]
@@ -99,7 +107,7 @@ def winsorized_mean_rows(x: Tensor, c: int) -> Tensor:
     return _sorted_mean(x, c)
 
 
-def _row_sum(x: Tensor) -> Tensor:
+def row_sum(x: Tensor) -> Tensor:
     """Sum over dim 0 by a pairwise tree of elementwise adds: each column's rounding is the
     same whatever the other columns are (``x.sum(0)`` is not), so column chunks agree bitwise."""
     while x.shape[0] > 1:
@@ -114,7 +122,7 @@ def _row_sum(x: Tensor) -> Tensor:
 def _sorted_mean(x: Tensor, c: int) -> Tensor:
     s = x.sort(0).values  # (B, n)
     b = x.shape[0]
-    return (_row_sum(s[c : b - c]) + c * (s[c] + s[b - 1 - c])) / b
+    return (row_sum(s[c : b - c]) + c * (s[c] + s[b - 1 - c])) / b
 
 
 def _tournament_mean(x: Tensor, c: int) -> Tensor:
@@ -124,7 +132,7 @@ def _tournament_mean(x: Tensor, c: int) -> Tensor:
     for a in range(0, n, width):
         blk = x[:, a : a + width]
         top, bot = _extremes(blk, c + 1)  # c+1 largest (desc) and smallest (asc), each (w,)
-        s = _row_sum(blk)
+        s = row_sum(blk)
         for j in range(c):
             s -= top[j] + bot[j]
         s += c * (top[c] + bot[c])
@@ -304,12 +312,22 @@ def column_slices(
 
 
 def winsorized_mean_chunked(x: Tensor, c: int, memory_budget_bytes: int) -> Tensor:
-    """``winsorized_mean_rows`` over column chunks from ``column_slices``; bitwise identical.
+    """Winsorized mean over dim 0 of x (B, n) -> (n,), over column chunks from
+    ``column_slices``; bitwise independent of the chunking.
 
-    ``c = 0`` needs no extra memory and is ``x.mean(0)`` unchunked, exactly."""
+    With the compiled kernel (CPU, float32/64): ``(row_sum + kernel correction) / B`` per
+    chunk, equal to ``winsorized_mean_rows`` up to rounding; otherwise
+    ``winsorized_mean_rows`` per chunk (bitwise equal to it unchunked). ``c = 0`` needs no
+    extra memory and is ``x.mean(0)`` unchunked, exactly."""
     if x.dim() != 2:
         raise ValueError(f"x must be (B, n), got shape {tuple(x.shape)}; reshape(B, -1) first")
     if check_c(c, x.shape[0]) == 0:
         return x.mean(0)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
     slices = column_slices(x.shape[0], x.shape[1], x.element_size(), memory_budget_bytes)
+    if kernel.usable(x):
+        b = x.shape[0]
+        return torch.cat([(row_sum(x[:, s]) + kernel.column_corrections(x[:, s], c)) / b
+                          for s in slices])
     return torch.cat([winsorized_mean_rows(x[:, s], c) for s in slices])

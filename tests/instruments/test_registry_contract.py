@@ -6,7 +6,8 @@ import torch
 
 from graddyn.instruments import INSTRUMENTS
 
-MINE = ["coherence", "batch_coherence", "confusion", "stiffness", "gsnr", "group_split", "learned_at"]
+MINE = ["coherence", "batch_coherence", "confusion", "stiffness", "gsnr", "group_split",
+        "learned_at"]
 
 
 @pytest.mark.parametrize("name", MINE)
