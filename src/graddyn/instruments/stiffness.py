@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from graddyn._gram import cosine_matrix, cosines_of
@@ -35,45 +36,54 @@ def stiffness_sums(
     gram: Tensor, labels: Tensor, num_classes: int, cosines: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per class pair (a, b): sums of cosine and of sign stiffness, and ordered-pair counts,
-    each (K, K), over pairs i != j of one batch. ``cosines``: the Gram's (B, B) cosine matrix
-    if already at hand."""
+    each (K, K) float64 on the CPU, over pairs i != j of one batch. ``cosines``: the Gram's
+    (B, B) cosine matrix if already at hand.
+
+    Computed on the host with NumPy: O(B^2 K) work in a handful of calls, where torch's
+    per-call dispatch would dominate at B = 100 (this runs every training step)."""
     b = gram.shape[0]
     if labels.shape != (b,):
         raise ValueError(f"labels must be ({b},) to match the Gram, got {tuple(labels.shape)}")
-    lo, hi = torch.aminmax(labels)
-    if int(hi) >= num_classes or int(lo) < 0:
-        raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
+    y = labels.detach().cpu().numpy().astype(np.int64, copy=False)
     if b < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
-    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).to(gram.dtype)  # (B, K)
-    # (2, B, B): cosine and sign stiffness of every ordered pair, zero on the diagonal (i = j)
+    if y.max() >= num_classes or y.min() < 0:
+        raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
     cos = cosine_matrix(gram) if cosines is None else cosines
-    pairs = torch.stack([cos, torch.sign(gram)])
-    pairs.diagonal(dim1=1, dim2=2).zero_()
-    cos, sign = onehot.T @ pairs @ onehot  # (2, K, K)
+    pairs = np.stack([_host(cos), np.sign(_host(gram))])  # (2, B, B) cosine, sign
+    idx = np.arange(b)
+    pairs[:, idx, idx] = 0.0  # i = j pairs are excluded
+    onehot = np.zeros((b, num_classes))
+    onehot[idx, y] = 1.0  # (B, K)
+    cos_sum, sign_sum = onehot.T @ pairs @ onehot  # (2, K, K)
     n = onehot.sum(0)  # (K,) examples per class
-    counts = torch.outer(n, n) - torch.diag(n)  # ordered pairs i != j per class pair
-    return cos, sign, counts
+    counts = np.outer(n, n) - np.diag(n)  # ordered pairs i != j per class pair
+    return torch.from_numpy(cos_sum), torch.from_numpy(sign_sum), torch.from_numpy(counts)
 
 
 def stiffness_from_sums(cos: Tensor, sign: Tensor, counts: Tensor) -> dict[str, Any]:
     """Means from class-pair sums: within / between / overall, and the class x class matrices
     (NaN where a class pair has no pairs)."""
-    # totals: [all, within (diagonal)] for counts, cos, sign -> one conversion to Python
-    sums = torch.stack([counts, cos, sign])  # (3, K, K)
-    total = torch.stack([sums.sum((1, 2)), sums.diagonal(dim1=1, dim2=2).sum(1)])  # (2, 3)
-    (n_all, c_all, s_all), (n_in, c_in, s_in) = total.tolist()
+    sums = np.stack([_host(counts), _host(cos), _host(sign)])  # (3, K, K)
+    (n_all, c_all, s_all) = sums.sum((1, 2)).tolist()
+    (n_in, c_in, s_in) = np.trace(sums, axis1=1, axis2=2).tolist()
 
     def ratio(s: float, n: float) -> float:
         return s / n if n > 0 else float("nan")
 
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(sums[0] > 0, sums[1:] / sums[0], np.nan)  # (2, K, K)
     out: dict[str, Any] = {}
-    for key, s, s_tot, s_in_ in (("cosine", cos, c_all, c_in), ("sign", sign, s_all, s_in)):
+    for k, (key, s_tot, s_in_) in enumerate((("cosine", c_all, c_in), ("sign", s_all, s_in))):
         out[f"{key}_within"] = ratio(s_in_, n_in)
         out[f"{key}_between"] = ratio(s_tot - s_in_, n_all - n_in)
         out[f"{key}"] = ratio(s_tot, n_all)
-        out[f"{key}_matrix"] = torch.where(counts > 0, s / counts.clamp_min(1), float("nan"))
+        out[f"{key}_matrix"] = torch.from_numpy(means[k])
     return out
+
+
+def _host(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
 @INSTRUMENTS.register("stiffness")

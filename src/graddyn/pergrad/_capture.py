@@ -49,14 +49,19 @@ class Capture:
         if mode not in ("loss", "output"):
             raise ValueError(f"mode must be 'loss' or 'output', got {mode!r}.")
         self.model, self.mode, self.fallback, self.check = model, mode, fallback, check
-        self._names = resolve_params(model, params)  # id(param) -> name
+        # The module tree is walked once here and reused (a capture per training step
+        # should not pay for dozens of named_modules() walks).
+        self._modules = list(model.named_modules())  # [(qualified name, module)]
+        named = list(model.named_parameters())
+        self._names = resolve_params(model, params, named)  # id(param) -> name
         self._strategy = resolve_strategy(strategy, self._names.values())
-        self._qual = {id(m): k for k, m in model.named_modules()}
-        self._by_id = {id(p): p for p in model.parameters()}
+        self._qual = {id(m): k for k, m in self._modules}
+        self._by_id = {id(p): p for _, p in named}
         # modules owning captured parameters directly: id -> (module, {attr: param})
         self._owners: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
-        for m in model.modules():
-            own = {a: p for a, p in m.named_parameters(recurse=False) if id(p) in self._names}
+        for _, m in self._modules:
+            own = {a: p for a, p in m._parameters.items()
+                   if p is not None and id(p) in self._names}
             if own:
                 self._owners[id(m)] = (m, own)
         self._calls: dict[int, list[_Call]] = {}
@@ -75,7 +80,7 @@ class Capture:
             self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_hook,
                                                                    with_kwargs=True))
-        for m in self.model.modules():
+        for _, m in self._modules:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(m.register_forward_pre_hook(self._bn_check))
         self._state = "open"
@@ -98,11 +103,11 @@ class Capture:
     def _hooked_modules(self) -> list[nn.Module]:
         """Owners and their ancestors (ancestors serve parameters their child never calls)."""
         keep = set()
-        for k, m in self.model.named_modules():
+        for k, m in self._modules:
             if id(m) in self._owners:
                 parts = k.split(".") if k else []
                 keep.update(".".join(parts[:i]) for i in range(len(parts) + 1))
-        return [m for k, m in self.model.named_modules() if k in keep]
+        return [m for k, m in self._modules if k in keep]
 
     def _bn_check(self, m: nn.Module, args: tuple) -> None:
         if self._recording and torch.is_grad_enabled() and is_coupled_batchnorm(m):
@@ -202,7 +207,7 @@ class Capture:
         plan: dict[int, tuple[nn.Module, str, set[str]]] = {}
         called = {pid for m, own in self._owners.values() if id(m) in self._calls
                   for pid in map(id, own.values())}
-        by_name = dict(self.model.named_modules())
+        by_name = dict(self._modules)
         for m, own in self._owners.values():
             if id(m) in self._calls:
                 kind = "rule" if type(m) in RULES else "fallback"

@@ -11,14 +11,17 @@ from ._paramgrads import STRATEGIES
 ParamSpec = "None | str | nn.Module | nn.Parameter | Iterable[str | nn.Module | nn.Parameter]"
 
 
-def resolve_params(model: nn.Module, params: object) -> dict[int, str]:
+def resolve_params(model: nn.Module, params: object,
+                   named_parameters: list[tuple[str, nn.Parameter]] | None = None
+                   ) -> dict[int, str]:
     """-> {id(parameter): name in model.named_parameters()} for the captured parameters.
 
     ``params``: None (every parameter with requires_grad), or names of parameters or modules,
     modules, parameters (one or an iterable of them). Unknown names raise a ValueError that
-    lists the valid ones.
+    lists the valid ones. ``named_parameters``: ``list(model.named_parameters())`` if the
+    caller already has it.
     """
-    named = dict(model.named_parameters())
+    named = dict(model.named_parameters() if named_parameters is None else named_parameters)
     by_id = {id(p): k for k, p in named.items()}
     if params is None:
         return {id(p): k for k, p in named.items() if p.requires_grad}
