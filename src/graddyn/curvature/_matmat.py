@@ -34,9 +34,18 @@ class Square:
     device: torch.device
 
     def probes(self, k: int, generator: torch.Generator | None) -> Tensor:
-        """``(dim, k)`` Rademacher (+-1) probes, drawn on the CPU for reproducibility."""
-        r = torch.randint(0, 2, (self.dim, k), generator=generator)
-        return (2 * r - 1).to(dtype=self.dtype, device=self.device)
+        """``(dim, k)`` Rademacher (+-1) probes, drawn on the CPU for reproducibility.
+
+        A transposed view of ``(k, dim)``, so each probe is one contiguous row (what the graph
+        mode of ``HessianOperator`` feeds to autograd). Drawn as 31 random bits per int32
+        ``randint`` draw: one draw per sign costs ~15 ns, 0.12 s for 25 probes of the 3x256
+        MLP (as much as 40 of its Hessian-vector products); unpacking bits, 0.014 s."""
+        n = k * self.dim
+        words = torch.randint(0, 2**31, (-(-n // 31), 1), generator=generator,
+                              dtype=torch.int32)  # (n/31, 1)
+        bits = (words >> torch.arange(31, dtype=torch.int32)) & 1  # (n/31, 31) of 0/1
+        signs = bits.reshape(-1)[:n].to(self.dtype).mul_(2).sub_(1)
+        return signs.reshape(k, self.dim).to(self.device).T
 
     def to_scipy(self) -> LinearOperator:
         def mm(X: np.ndarray) -> np.ndarray:

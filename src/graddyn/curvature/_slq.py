@@ -1,9 +1,4 @@
-"""Spectral density by stochastic Lanczos quadrature (SLQ).
-
-SciPy does not expose a Lanczos tridiagonalisation, so :func:`lanczos_tridiag` is a short
-one with full reorthogonalisation (numerically safe for the few tens of steps SLQ uses); it is
-tested on explicit matrices against ``torch.linalg.eigvalsh``.
-"""
+"""Spectral density by stochastic Lanczos quadrature (SLQ), on :func:`lanczos_tridiag`."""
 
 from __future__ import annotations
 
@@ -12,30 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from graddyn.curvature._lanczos import lanczos_tridiag
 from graddyn.curvature._matmat import MatMat, Operator, as_square
-
-
-def lanczos_tridiag(matmat: MatMat, v0: Tensor, num_steps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Lanczos: orthonormal ``Q (P, m)`` and tridiagonal ``T = Q^T A Q`` from start ``v0``.
-
-    Returns ``(alpha (m,), beta (m-1,), Q)``; stops early (smaller ``m``) if the Krylov space
-    is exhausted. Full reorthogonalisation against all previous vectors: ``O(P m^2)`` extra.
-    """
-    q = v0 / v0.norm()
-    Q, alpha, beta = [q], [], []
-    for j in range(num_steps):
-        w = matmat(q[:, None])[:, 0]
-        alpha.append((q @ w).item())
-        basis = torch.stack(Q, 1)
-        w = w - basis @ (basis.T @ w)
-        w = w - basis @ (basis.T @ w)  # twice is enough (Giraud et al. 2005)
-        b = w.norm().item()
-        if j == num_steps - 1 or b <= 1e-10 * max(1.0, abs(alpha[-1])):
-            break
-        beta.append(b)
-        q = w / b
-        Q.append(q)
-    return torch.tensor(alpha), torch.tensor(beta), torch.stack(Q, 1)
 
 
 def _tridiag_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
