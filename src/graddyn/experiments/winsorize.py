@@ -36,11 +36,11 @@ the training accuracy in excess of what a model that generalises as well as it t
 reach on the noisy labels. The report (``_winsorize_report``) draws the grid and checks the
 paper's three predictions.
 
-Cost: a winsorized step materialises per-example gradients in blocks
-(``WinsorizedGradient``). Measured on this shared 2-core CPU, one thread, batch 100: the MLP
-takes 11 ms plain, 0.48 s at c = 1, 1.2 s at c = 4, 2.0 s at c = 8 (~45x to ~190x); the
-small CNN 0.58 s plain, 2.4 s at c = 1, 4.3 s at c = 4. Hence the subset default of 500
-training images for 300 steps.
+Cost: a winsorized step (``WinsorizedGradient``) runs the compiled kernel of
+``graddyn._robust_kernel``: Linear layers never materialise per-example gradients, other
+layers are materialised in blocks. Measured on this 2-core CPU, one thread, batch 100
+(``benchmarks/winsorize.py``): the MLP takes 2.6 ms plain, 11 / 15 / 18 / 26 ms at
+c = 1 / 2 / 4 / 8; the small CNN 96 ms plain, 150-180 ms winsorized.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ from graddyn.train import Run, Trainer, at_end, every
 # The paper's length on full MNIST: 100 epochs of 600 batches of 100.
 PAPER_STEPS = 60_000
 # Subset default: 500 training images (5 batches an epoch), 300 steps = 60 epochs, enough
-# for plain SGD (c = 0) to memorise 50 % noise (~100 % training accuracy) while the 2 x 3
-# default grid stays ~10 min on 2 cores (a winsorized MLP step is ~0.5-1.2 s here).
+# for plain SGD (c = 0) to memorise 50 % noise (~100 % training accuracy); a grid point takes
+# seconds. Larger runs: --set n_train=... steps=... (or dataset=mnist for the paper's).
 SUBSET_STEPS = 300
 SUBSET_TRAIN = 500
 

@@ -99,6 +99,8 @@ class Outer:
         if self.index:
             out = right.new_zeros(self.p, q)
             return out.index_add_(0, left.reshape(-1), right.reshape(-1, q))[None]
+        if gb == 1:  # Linear (the per-step case): one mm, fewest view ops
+            return torch.mm(left.reshape(n * t, self.p).T, right.reshape(n * t, q))[None]
         lt = left.transpose(0, 1).reshape(gb, n * t, self.p).transpose(1, 2)
         return torch.bmm(lt, right.transpose(0, 1).reshape(gb, n * t, q))
 
