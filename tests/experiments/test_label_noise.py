@@ -188,11 +188,11 @@ def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypat
 
     real_call, calls = trainer_module.measured_backward, []
 
-    def crash_at_step_8(*args):  # the split window measures steps 1..10
+    def crash_at_step_8(*args, **kwargs):  # the split window measures steps 1..10
         calls.append(1)
         if len(calls) == 8:
             raise RuntimeError("killed")
-        return real_call(*args)
+        return real_call(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "measured_backward", crash_at_step_8)
     with pytest.raises(RuntimeError, match="killed"):

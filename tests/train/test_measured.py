@@ -97,3 +97,22 @@ def test_batch_instruments_refuse_a_custom_rule_and_name_clashes():
     with pytest.raises(ValueError, match="both probe and batch instruments"):
         Trainer(model, opt, data, batch_size=8, instruments=[(Confusion(), every(1))],
                 batch_instruments=[(Confusion(), every(1))])
+
+
+def test_measured_and_plain_steps_mix_without_changing_the_trajectory():
+    """Batch instruments due on some steps only: measured steps overwrite last step's p.grad
+    in place, plain steps start from None; the trajectory is still plain SGD's."""
+    data = _data()
+    plain_model, model = _model(), _model()
+    plain = Trainer(plain_model, torch.optim.SGD(plain_model.parameters(), lr=0.1,
+                                                 momentum=0.9, weight_decay=1e-3),
+                    data, batch_size=8, checkpoint_schedule=None, progress=False)
+    mixed = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                           weight_decay=1e-3),
+                    data, batch_size=8, checkpoint_schedule=None, progress=False,
+                    batch_instruments=[(Confusion(), at([2, 3, 6]))])
+    plain.fit(7)
+    mixed.fit(7)
+    for a, b in zip(plain_model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert [s for s, name, _ in mixed.history if name == "confusion/eta"] == [2, 3, 6]

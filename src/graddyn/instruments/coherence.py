@@ -32,8 +32,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from graddyn._gram import host_pairs
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 
 Tensor = torch.Tensor
@@ -122,8 +124,8 @@ class BatchCoherence(Instrument):
         self._values: list[dict[str, float]] = []
 
     def update(self, probe: Probe) -> None:
-        gram = require_grads(probe, "BatchCoherence").gram().detach()  # (B, B)
-        self._values.append(coherence_from_gram(gram))
+        gram, _ = host_pairs(require_grads(probe, "BatchCoherence"))  # (B, B) float64
+        self._values.append(coherence_from_sums(gram.sum(), np.trace(gram), gram.shape[0]))
 
     def compute(self) -> dict[str, Any]:
         if not self._values:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn._gram import cosine_matrix, cosines_of
+from graddyn._gram import cosine_matrix, host_pairs, upper_index
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -64,10 +64,12 @@ def upper_pairs(gram: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
     return torch.take(gram, idx), torch.take(cos, idx)
 
 
-def _host(t: Tensor) -> np.ndarray:
+def _host(t: Tensor | np.ndarray) -> np.ndarray:
     """A (small, O(B^2)) tensor as a float64 NumPy array: the statistics below are a few
     dozen reductions over ~5,000 numbers, where NumPy's per-call cost (~1 us) beats torch's
     dispatcher (~5-10 us) and ``np.sort`` beats ``torch.sort`` by ~10x on the CPU."""
+    if isinstance(t, np.ndarray):
+        return t.astype(np.float64, copy=False)
     return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
@@ -94,7 +96,8 @@ def sorted_quantiles(values: Tensor | np.ndarray, quantiles: Sequence[float]) ->
 
 
 def confusion_stats(
-    inner: Tensor, cos: Tensor, quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS
+    inner: Tensor | np.ndarray, cos: Tensor | np.ndarray,
+    quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS,
 ) -> dict[str, Any]:
     """eta, min/mean cosine, quantiles ``cos_q{100q:g}`` and ``cos_hist`` from pair values
     (computed on the host in float64)."""
@@ -170,24 +173,23 @@ class Confusion(Instrument):
         self.reset()
 
     def reset(self) -> None:
-        self._inner: list[Tensor] = []
-        self._cos: list[Tensor] = []
+        self._inner: list[np.ndarray] = []
+        self._cos: list[np.ndarray] = []
 
     def update(self, probe: Probe) -> None:
-        grads = require_grads(probe, "Confusion")
-        gram = grads.gram().detach()
-        if gram.dim() != 2 or gram.shape[0] < 2:
-            raise ValueError(f"need a square Gram of at least 2 gradients, got "
-                             f"{tuple(gram.shape)}")
-        inner, cos = upper_pairs(gram, cosines_of(grads))
-        self._inner.append(inner)
-        self._cos.append(cos)
+        gram, cos = host_pairs(require_grads(probe, "Confusion"))  # (B, B) float64
+        if gram.shape[0] < 2:
+            raise ValueError(f"need a square Gram of at least 2 gradients, got {gram.shape}")
+        iu = upper_index(gram.shape[0])
+        self._inner.append(gram[iu])
+        self._cos.append(cos[iu])
 
     def compute(self) -> dict[str, Any]:
         if not self._cos:
             raise empty_error("Confusion")
-        def joined(parts: list[Tensor]) -> Tensor:  # one batch (every step): no copy
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        def joined(parts: list[np.ndarray]) -> np.ndarray:  # one batch (every step): no copy
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
         return confusion_stats(joined(self._inner), joined(self._cos), self.quantiles,
                                self.num_bins)

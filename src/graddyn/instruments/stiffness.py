@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graddyn._gram import cosine_matrix, cosines_of
+from graddyn._gram import cosine_matrix_np, host_pairs
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -33,7 +33,8 @@ Tensor = torch.Tensor
 
 
 def stiffness_sums(
-    gram: Tensor, labels: Tensor, num_classes: int, cosines: Tensor | None = None
+    gram: Tensor | np.ndarray, labels: Tensor, num_classes: int,
+    cosines: Tensor | np.ndarray | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per class pair (a, b): sums of cosine and of sign stiffness, and ordered-pair counts,
     each (K, K) float64 on the CPU, over pairs i != j of one batch. ``cosines``: the Gram's
@@ -49,8 +50,9 @@ def stiffness_sums(
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
     if y.max() >= num_classes or y.min() < 0:
         raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
-    cos = cosine_matrix(gram) if cosines is None else cosines
-    pairs = np.stack([_host(cos), np.sign(_host(gram))])  # (2, B, B) cosine, sign
+    g = _host(gram)
+    cos = cosine_matrix_np(g) if cosines is None else _host(cosines)
+    pairs = np.stack([cos, np.sign(g)])  # (2, B, B) cosine, sign
     idx = np.arange(b)
     pairs[:, idx, idx] = 0.0  # i = j pairs are excluded
     onehot = np.zeros((b, num_classes))
@@ -82,7 +84,9 @@ def stiffness_from_sums(cos: Tensor, sign: Tensor, counts: Tensor) -> dict[str, 
     return out
 
 
-def _host(t: Tensor) -> np.ndarray:
+def _host(t: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):
+        return t.astype(np.float64, copy=False)
     return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
@@ -104,14 +108,13 @@ class Stiffness(Instrument):
         self._sums: list[Tensor] | None = None
 
     def update(self, probe: Probe) -> None:
-        grads = require_grads(probe, "Stiffness")
-        gram = grads.gram().detach()
+        gram, cos = host_pairs(require_grads(probe, "Stiffness"))  # (B, B) float64
         if probe.targets is None:
             raise ValueError("Stiffness needs labels: pass Probe(targets=y, ...)")
         k = self.num_classes or int(probe.targets.max()) + 1
         if self._sums is not None and not self.num_classes and self._sums[0].shape[0] > k:
             k = self._sums[0].shape[0]
-        new = stiffness_sums(gram, probe.targets.to(gram.device), k, cosines_of(grads))
+        new = stiffness_sums(gram, probe.targets, k, cos)
         if self._sums is None:
             self._sums = list(new)
             return

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _robust_kernel as kernel
-from .._gram import cosine_matrix
+from .._gram import cosine_matrix, cosine_matrix_np
 from .._robust import check_c, extremes_correction, row_sum
 from ._factors import chunks
 from ._paramgrads import FlatCache, ParamGrads, _flat, inner, self_grams
@@ -43,6 +44,7 @@ class BatchGrads:
         self._grams: dict[str, Tensor] | None = None  # name -> (N, N) flat, computed once
         self._gram_total: Tensor | None = None
         self._cosines: Tensor | None = None  # (N, N), from the Gram
+        self._host: tuple[np.ndarray, np.ndarray] | None = None  # Gram, cosines (NumPy)
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised by cross_gram, kept
 
@@ -101,6 +103,18 @@ class BatchGrads:
             self._cosines = cosine_matrix(self._out(self.gram(), self.batch_shape * 2))
         return self._cosines.clone()
 
+    def host_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Gram, cosine matrix) as read-only (B, B) float64 NumPy arrays (mode='loss'),
+        memoised: the instruments' O(B^2) statistics run on the host (see ``graddyn._gram``)."""
+        if len(self.batch_shape) > 1:
+            raise ValueError("host_pairs() is defined for mode='loss' only.")
+        if self._host is None:
+            g = self._out(self.gram(), self.batch_shape * 2).cpu().numpy().astype(np.float64)
+            c = cosine_matrix_np(g)
+            g.flags.writeable = c.flags.writeable = False
+            self._host = (g, c)
+        return self._host
+
     def ntk(self) -> Tensor:
         """Empirical NTK of mode='output': Theta[b, k, c, l] = <df_k(x_b), df_l(x_c)>."""
         return self.gram()
@@ -156,6 +170,27 @@ class BatchGrads:
                 else:
                     p.grad.add_(g)
         return out
+
+    @torch.no_grad()
+    def write_grad(self, scale: float = 1.0, overwrite: bool = False) -> None:
+        """``param.grad`` gets ``scale * sum_n g_n`` (mode='loss'): added, like ``backward()``,
+        or with ``overwrite=True`` written over what is there (like ``zero_grad(set_to_none=
+        False)`` then ``backward()``). Where ``param.grad`` exists it is updated in place by
+        the factors' matmul itself (``addmm`` into it): no new P-sized buffer, whose fresh pages
+        the OS must zero (~0.2 ms per 6 MB here, every step); only a missing one is allocated.
+        """
+        if len(self.batch_shape) > 1:
+            raise ValueError("write_grad is only defined for mode='loss'.")
+        for pg in self._params.values():
+            p = pg.param
+            if not (pg.factors or pg.dense is not None):  # not used by this batch's forward
+                if overwrite:
+                    p.grad = None  # as after zero_grad(set_to_none=True) + backward()
+                continue
+            if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+                p.grad = pg.total(scale).to(p.dtype)
+            else:
+                pg.total_into(p.grad, scale, accumulate=not overwrite)
 
     def materialize(self, chunk_size: int | None = None
                     ) -> dict[str, Tensor] | Iterator[dict[str, Tensor]]:

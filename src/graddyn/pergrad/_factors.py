@@ -105,6 +105,19 @@ class Outer:
         return torch.bmm(lt, right.transpose(0, 1).reshape(gb, n * t, q))
 
 
+    def into(self, dst: Tensor, scale: float, accumulate: bool) -> bool:
+        """For a dense factor with Gb = 1 (Linear): ``dst`` (p x q elements) += (or =)
+        ``scale * sum_n g_n`` by one in-place ``addmm``; False (nothing done) otherwise."""
+        if (self.index or self.right.shape[1] != 1 or not dst.is_contiguous()
+                or dst.dtype != self.right.dtype or dst.numel() != self.p * self.right.shape[3]):
+            return False
+        n, _, t, q = self.right.shape
+        d2 = dst.view(self.p, q)
+        torch.addmm(d2, self.left.reshape(n * t, self.p).T, self.right.reshape(n * t, q),
+                    beta=1.0 if accumulate else 0.0, alpha=scale, out=d2)
+        return True
+
+
 def _kernel(a: Outer, b: Outer) -> Tensor:
     """(Gb, Na Ta, Nb Tb) products of the left factors (dense . dense, id == id, id -> gather)."""
     if a.index and b.index:

@@ -123,6 +123,25 @@ class ParamGrads:
         return out
 
 
+    def total_into(self, dst: Tensor, scale: float = 1.0, accumulate: bool = True) -> None:
+        """``dst`` (param.shape) += (or, without ``accumulate``, =) ``scale * sum_n g_n``, in
+        place: MLP-style factors go through one ``addmm`` into ``dst``."""
+        parts = list(self.factors)
+        if self.dense is not None:
+            parts.append(self.dense)
+        if not parts:
+            if not accumulate:
+                dst.zero_()
+            return
+        for i, part in enumerate(parts):
+            add = accumulate or i > 0
+            if isinstance(part, Outer) and part.into(dst, scale, add):
+                continue
+            value = (part.sum(0).reshape(self.shape) * scale if isinstance(part, Tensor)
+                     else part.total(scale).reshape(self.shape)).to(dst.dtype)
+            dst.add_(value) if add else dst.copy_(value)
+
+
 def _use_ghost(a: ParamGrads, b: ParamGrads, fa: list[Outer], fb: list[Outer],
                diag: bool, built: tuple[bool, bool] = (False, False)) -> bool:
     """Ghost or materialise; ``built``: whether a's / b's per-example gradients are already

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from graddyn.train._rules import LossFn, check_losses
 
 
-def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor
-                      ) -> tuple[Tensor, Any, Tensor]:
+def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor,
+                      overwrite: bool = False) -> tuple[Tensor, Any, Tensor]:
     """Adds the mean-loss gradient to ``p.grad`` (like ``loss_fn(model(x), y).mean()
-    .backward()``) and returns ``(losses (B,), BatchGrads of the unscaled per-example
-    losses, outputs)``, both tensors detached."""
+    .backward()``; ``overwrite=True``: writes it over ``p.grad``, like ``zero_grad(
+    set_to_none=False)`` first) and returns ``(losses (B,), BatchGrads of the unscaled
+    per-example losses, outputs)``, both tensors detached. Existing ``p.grad`` buffers are
+    updated in place (see ``BatchGrads.write_grad``)."""
     from graddyn.pergrad import capture
 
     with capture(model) as cap:
@@ -38,17 +39,10 @@ def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor
         losses = loss_fn(outputs, y)  # (B,)
         check_losses(losses, len(y))
     grads = cap.backward(losses)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(trainable) - set(grads.names))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(grads.names))
     if missing:  # never train with a silently missing gradient
         raise RuntimeError(f"the captured backward gave no gradient for {missing}; measure "
                            "these instruments on a probe set (Trainer(instruments=...)) instead")
-    with torch.no_grad():
-        for name, g in grads.sum(scale=1.0 / len(y)).items():  # fresh tensors, no copy needed
-            p = trainable[name]
-            g = g.to(p.dtype)
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
+    grads.write_grad(scale=1.0 / len(y), overwrite=overwrite)
     return losses.detach(), grads, outputs.detach()

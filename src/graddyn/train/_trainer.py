@@ -183,17 +183,18 @@ class Trainer:
         self._pos += 1
         st.batch = Batch(self.x[idx], self.y[idx], idx)
         self._fire(Event.BATCH_START, st)
-        self.optimizer.zero_grad(set_to_none=True)
         due = self.batch_probes.due(st.step + 1, st.step + 1 == st.max_steps)
-        if due:  # measured on this batch, at these weights: the step's own backward
+        if due:  # measured on this batch, at these weights: the step's own backward,
+            # written over last step's p.grad buffers in place (no fresh pages to fault in)
             losses, grads, outputs = measured_backward(self.model, self.loss_fn,
-                                                       st.batch.x, st.batch.y)
+                                                       st.batch.x, st.batch.y, overwrite=True)
             idx = st.batch.indices
             self._batch_probe = (due, Probe(
                 grads=grads, losses=losses, outputs=outputs, targets=st.batch.y, indices=idx,
                 groups=None if self.groups is None else self.groups[idx], step=st.step,
                 model=self.model))
         else:
+            self.optimizer.zero_grad(set_to_none=True)
             losses = self.rule(self.model, self.loss_fn, st.batch)  # (B,)
         if not bool(torch.isfinite(losses).all()):
             raise NonFiniteLossError(
