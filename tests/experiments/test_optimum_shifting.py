@@ -33,6 +33,9 @@ def test_tiny_run_resume_and_report(tmp_path):
                 assert (run.history(f"{tag}/os/v_norm")[1][-1]
                         <= run.history(f"{tag}/end/v_norm")[1][-1] + 1e-9)
                 assert run.history(f"{tag}/curv/trace")[0].tolist() == [0, 2, 4]
+                # ReLU CNN and eval-mode ResNet are piecewise linear: the trace is exact
+                assert run.history(f"{tag}/curv/trace_exact")[1].tolist() == [1.0] * 3
+                assert run.history(f"{tag}/curv/trace_se")[1].tolist() == [0.0] * 3
                 assert run.history(f"{tag}/test/acc")[0].tolist() == [0, 2, 4]
     assert run.history("cnn/sos/s0/sos/max_rel_change")[1][-1] < 1e-6
     before = dict(zip(run.metric_names(), [run.history(n)[1][-1] for n in run.metric_names()]))
@@ -78,3 +81,21 @@ def test_config_errors(kwargs, match):
 def test_batch_larger_than_training_split_is_an_error():
     with pytest.raises(ValueError, match="lower batch_size"):
         prepare_data(OptimumShiftingConfig(batch_size=5000))
+
+
+def test_curvature_is_exact_for_relu_and_falls_back_to_hutchinson_for_tanh():
+    import torch
+    from torch import nn
+
+    from graddyn.curvature import dense_hessian
+    from graddyn.experiments.optimum_shifting import curvature
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    for act, exact in ((nn.ReLU(), 1.0), (nn.Tanh(), 0.0)):
+        model = nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 3)).double()
+        out = curvature(model, (x, y), TINY, seed=0, eigen=False)
+        assert out["trace_exact"] == exact and (out["trace_se"] == 0) == bool(exact)
+        if exact:
+            dense = dense_hessian(model, nn.functional.cross_entropy, (x, y))
+            assert out["trace"] == pytest.approx(float(dense.trace()), rel=1e-9)

@@ -108,8 +108,9 @@ def _model_verdicts(run: Run, model: str) -> list[str]:
         + (" (full column rank: OS is the identity, nothing to shift)" if dv[0] == 0 else "")
         + ".",
         f"- **|V|_F down (post hoc, SGD model)**: Δ = {dv[0]:.3g} ± {dv[1]:.2g} (SE); "
-        f"**Hessian trace** Δ = {dtr[0]:.3g} ± {dtr[1]:.2g} (Hutchinson SE per estimate "
-        f"~{se_tr:.2g}).",
+        f"**Hessian trace** Δ = {dtr[0]:.3g} ± {dtr[1]:.2g} "
+        + ("(exact traces: the spread is over seeds only)." if se_tr == 0 else
+           f"(Hutchinson SE per estimate ~{se_tr:.2g})."),
     ]
     for other in ("sgd", "wd"):
         lines.append(_sos_line(f, other))

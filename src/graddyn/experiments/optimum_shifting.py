@@ -21,10 +21,13 @@ rank (then ``A^+ A = I``): ``sos_batch`` must be below the width (CNN: ``cnn_hid
 span (dead units, exact collapse); the run logs the rank it used. Measured before/after
 OS and every ``eval_every`` steps: training loss / accuracy (on the training split), test
 accuracy, ``|V|_F``, Hessian trace of the mean loss on ``curv_rows`` training examples (full
-and last layer; Hutchinson with its standard error) and, at the end, the top eigenvalue
-(Lanczos). Approximations: the curvature is measured on a fixed batch of ``curv_rows``
-examples (not the whole training set) with ``trace_probes`` / ``last_probes`` probes (the
-standard error is logged); the top eigenvalue uses ``eigsh`` with ``eig_tol``.
+and last layer) and, at the end, the top eigenvalue (Lanczos). The trace is exact
+(``graddyn.curvature.exact_trace``: tr H = tr GGN for networks piecewise linear in their
+parameters, which the ReLU CNN and the eval-mode ResNet are; ``trace_exact`` = 1 in the
+log) unless ``exact=false`` or the net has smooth layers, then Hutchinson with
+``trace_probes`` / ``last_probes`` probes and its standard error. Approximations: the
+curvature is measured on a fixed batch of ``curv_rows`` examples (not the whole training
+set); the top eigenvalue uses ``eigsh`` with ``eig_tol``.
 
 BatchNorm (the ``resnet``): the Hessian is that of the eval-mode network (running statistics),
 ``HessianOperator(..., eval_mode=True)``, and OS features are collected in eval mode, so OS keeps
@@ -49,7 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graddyn.curvature import HessianOperator, hutchinson_trace, top_eigenvalues
+from graddyn.curvature import (
+    HessianOperator,
+    NotPiecewiseLinearError,
+    exact_trace,
+    hutchinson_trace,
+    top_eigenvalues,
+)
 from graddyn.data import load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.interventions.optimum_shift import (
@@ -85,8 +94,9 @@ class OptimumShiftingConfig:
     os_rows: int = 512  # training examples whose features define post hoc OS
     curv_rows: int = 128  # training examples of the curvature batch
     eig_tol: float = 1e-3  # relative tolerance of the top eigenvalue (eigsh)
-    trace_probes: int = 10  # Hutchinson probes, full network
-    last_probes: int = 30  # Hutchinson probes, last layer
+    trace_probes: int = 10  # Hutchinson probes, full network (when not exact)
+    last_probes: int = 30  # Hutchinson probes, last layer (when not exact)
+    exact: bool = True  # exact trace (tr H = tr GGN) where the net is piecewise linear
     eval_every: int = 50  # losses / accuracies over training
     curv_every: int = 100  # curvature over training (also at step 0)
     subset: int = 0  # > 0: keep only this many training and test examples (quick runs, tests)
@@ -178,14 +188,23 @@ def curvature(
     last = [f"{name}.{p}" for p, _ in layer.named_parameters()]
     op = HessianOperator(model, F.cross_entropy, batch, eval_mode=True, chunk_size=10)
     gen = torch.Generator().manual_seed(seed)
-    full = hutchinson_trace(op, cfg.trace_probes, batch_size=10, generator=gen)
     op_last = HessianOperator(model, F.cross_entropy, batch, params=last, eval_mode=True)
-    tail = hutchinson_trace(op_last, cfg.last_probes, batch_size=cfg.last_probes, generator=gen)
+    full = tail = None
+    if cfg.exact:  # ReLU / max-pool / eval-BN nets: exact and cheaper than the probes
+        try:
+            full, tail = exact_trace(op), exact_trace(op_last)
+        except NotPiecewiseLinearError:
+            full = tail = None
+    if full is None or tail is None:
+        full = hutchinson_trace(op, cfg.trace_probes, batch_size=10, generator=gen)
+        tail = hutchinson_trace(op_last, cfg.last_probes, batch_size=cfg.last_probes,
+                                generator=gen)
     out = {
         "trace": full.value,
         "trace_se": full.std_error,
         "trace_last": tail.value,
         "trace_last_se": tail.std_error,
+        "trace_exact": float(full.num_matvecs == 0),
         "v_norm": layer.weight.detach().norm().item(),
     }
     if eigen:
