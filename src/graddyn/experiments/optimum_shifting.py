@@ -34,10 +34,10 @@ BatchNorm (the ``resnet``): the Hessian is that of the eval-mode network (runnin
 the *eval-mode* outputs unchanged; in training mode the batch statistics differ, so SOS does
 not exactly preserve the outputs the optimizer sees.
 
-Default (digits, small CNN and ResNet-8 of width 8, 3 seeds, 200 steps, 10 / 30 Hutchinson
-probes on 128 examples) measured 11.4 CPU-minutes (20 min wall on the shared, loaded 2-core
-box; ~6 min on 2 free cores): over the ~4-minute goal; ``--set seeds=0,1`` or ``models=cnn``
-(~1/3 of the cost) fit it.
+Default (digits, small CNN and ResNet-8 of width 8, 3 seeds, 200 steps, exact traces on 128
+examples) measured 8 min wall on the 2-core box while another job used one core (with 10 / 30
+Hutchinson probes instead: ~6 min on 2 free cores); ``--set seeds=0,1`` or ``models=cnn``
+(~1/3 of the cost) fit a few minutes.
 Real data: ``--set dataset=cifar10`` (read from the local folder; error if missing).
 """
 
