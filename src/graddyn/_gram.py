@@ -52,6 +52,14 @@ def upper_index(b: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(b, 1)
 
 
+@functools.lru_cache(maxsize=16)
+def upper_flat(b: int) -> np.ndarray:
+    """Flat positions i * b + j of the pairs i < j (row-major), for ``np.take`` (~4x faster
+    than indexing with the two index arrays)."""
+    i, j = upper_index(b)
+    return i * b + j
+
+
 def cosines_of(grads: object) -> Tensor:
     """The (B, B) cosine matrix of a ``BatchGrads`` (memoised there) or of any object with
     ``gram()``, as a tensor."""

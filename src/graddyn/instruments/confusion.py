@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn._gram import cosine_matrix, host_pairs, upper_index
+from graddyn._gram import cosine_matrix, host_pairs, upper_flat
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -74,16 +74,19 @@ def _host(t: Tensor | np.ndarray) -> np.ndarray:
 
 
 def cosine_histogram(cos: Tensor | np.ndarray, num_bins: int = NUM_BINS) -> Tensor:
-    """Counts of cosines in ``num_bins`` equal bins on [-1, 1] (1.0 falls in the last bin)."""
-    c = _host(cos) if isinstance(cos, Tensor) else cos
-    idx = np.clip(np.floor((c + 1.0) * (num_bins / 2.0)).astype(np.int64), 0, num_bins - 1)
-    return torch.from_numpy(np.bincount(idx, minlength=num_bins))
+    """Counts of cosines in ``num_bins`` equal bins [e_k, e_k+1) on [-1, 1] (1.0 falls in the
+    last bin)."""
+    return _histogram_sorted(np.sort(_host(cos)), num_bins)
 
 
-def sorted_quantiles(values: Tensor | np.ndarray, quantiles: Sequence[float]) -> list[float]:
-    """Quantiles of ``values`` with linear interpolation (``torch.quantile``'s default and
-    NumPy's "linear"), from one sort in float64."""
-    s = np.sort(_host(values) if isinstance(values, Tensor) else values)
+def _histogram_sorted(s: np.ndarray, num_bins: int) -> Tensor:
+    """``cosine_histogram`` of already sorted values: bin edges by binary search."""
+    edges = -1.0 + 2.0 * np.arange(1, num_bins) / num_bins  # inner edges e_1 .. e_{nb-1}
+    cuts = np.searchsorted(s, edges, side="left")  # values below each edge
+    return torch.from_numpy(np.diff(np.concatenate([[0], cuts, [s.size]])))
+
+
+def _quantiles_sorted(s: np.ndarray, quantiles: Sequence[float]) -> list[float]:
     n = s.size
     out = []
     for q in quantiles:
@@ -95,24 +98,30 @@ def sorted_quantiles(values: Tensor | np.ndarray, quantiles: Sequence[float]) ->
     return out
 
 
+def sorted_quantiles(values: Tensor | np.ndarray, quantiles: Sequence[float]) -> list[float]:
+    """Quantiles of ``values`` with linear interpolation (``torch.quantile``'s default and
+    NumPy's "linear"), from one sort in float64."""
+    return _quantiles_sorted(np.sort(_host(values)), quantiles)
+
+
 def confusion_stats(
     inner: Tensor | np.ndarray, cos: Tensor | np.ndarray,
     quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS,
 ) -> dict[str, Any]:
     """eta, min/mean cosine, quantiles ``cos_q{100q:g}`` and ``cos_hist`` from pair values
-    (computed on the host in float64)."""
-    c = _host(cos)
+    (computed on the host in float64, from one sort)."""
+    s = np.sort(_host(cos))
     min_inner = float(_host(inner).min())
     out: dict[str, Any] = {
         "eta": max(0.0, -min_inner),
         "min_inner": min_inner,
-        "min_cosine": float(c.min()),
-        "mean_cosine": float(c.mean()),
+        "min_cosine": float(s[0]),
+        "mean_cosine": float(s.mean()),
     }
-    qs = sorted_quantiles(c, quantiles)
+    qs = _quantiles_sorted(s, quantiles)
     out.update({f"cos_q{100 * q:g}": v for q, v in zip(quantiles, qs)})
-    out["cos_hist"] = cosine_histogram(c, num_bins)
-    out["num_pairs"] = c.size
+    out["cos_hist"] = _histogram_sorted(s, num_bins)
+    out["num_pairs"] = s.size
     return out
 
 
@@ -180,9 +189,9 @@ class Confusion(Instrument):
         gram, cos = host_pairs(require_grads(probe, "Confusion"))  # (B, B) float64
         if gram.shape[0] < 2:
             raise ValueError(f"need a square Gram of at least 2 gradients, got {gram.shape}")
-        iu = upper_index(gram.shape[0])
-        self._inner.append(gram[iu])
-        self._cos.append(cos[iu])
+        flat = upper_flat(gram.shape[0])  # (B(B-1)/2,) positions i B + j, i < j
+        self._inner.append(np.take(gram, flat))
+        self._cos.append(np.take(cos, flat))
 
     def compute(self) -> dict[str, Any]:
         if not self._cos:
