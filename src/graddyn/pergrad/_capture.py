@@ -115,7 +115,8 @@ class Capture:
 
     def _root_hook(self, m: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._recording and torch._C._functorch.maybe_current_level() is None:
-            for t in tree_flatten((args, kwargs))[0]:
+            plain = not kwargs and all(isinstance(a, Tensor) for a in args)  # model(x): no walk
+            for t in args if plain else tree_flatten((args, kwargs))[0]:
                 if isinstance(t, Tensor):
                     self._batch_ptrs.add(storage_ptr(t))
 
