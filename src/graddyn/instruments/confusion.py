@@ -23,7 +23,6 @@ are exact.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn._gram import cosine_matrix, host_pairs, upper_flat
+from graddyn._gram import cosine_matrix, host64, host_pairs, upper_flat
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -42,41 +41,19 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 NUM_BINS = 20
 
 
-@functools.lru_cache(maxsize=16)
-def _upper_flat_index(b: int, device: torch.device) -> Tensor:
-    """Flat positions i * b + j of the pairs i < j of a (b, b) matrix (row-major), cached:
-    instruments measured every step should not rebuild it."""
-    i, j = torch.triu_indices(b, b, offset=1, device=device)
-    return i * b + j
-
-
 def pairwise_cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
     """Off-diagonal inner products and cosines (upper triangle, i < j, row-major) of a (B, B)
     Gram -> two (B(B-1)/2,) tensors."""
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
-    return upper_pairs(gram, cosine_matrix(gram))
-
-
-def upper_pairs(gram: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
-    """The pairs i < j (row-major) of a (B, B) Gram and its cosine matrix."""
-    idx = _upper_flat_index(gram.shape[0], gram.device)
-    return torch.take(gram, idx), torch.take(cos, idx)
-
-
-def _host(t: Tensor | np.ndarray) -> np.ndarray:
-    """A (small, O(B^2)) tensor as a float64 NumPy array: the statistics below are a few
-    dozen reductions over ~5,000 numbers, where NumPy's per-call cost (~1 us) beats torch's
-    dispatcher (~5-10 us) and ``np.sort`` beats ``torch.sort`` by ~10x on the CPU."""
-    if isinstance(t, np.ndarray):
-        return t.astype(np.float64, copy=False)
-    return t.detach().cpu().numpy().astype(np.float64, copy=False)
+    idx = torch.from_numpy(upper_flat(gram.shape[0])).to(gram.device)  # pairs i < j
+    return torch.take(gram, idx), torch.take(cosine_matrix(gram), idx)
 
 
 def cosine_histogram(cos: Tensor | np.ndarray, num_bins: int = NUM_BINS) -> Tensor:
     """Counts of cosines in ``num_bins`` equal bins [e_k, e_k+1) on [-1, 1] (1.0 falls in the
     last bin)."""
-    return _histogram_sorted(np.sort(_host(cos)), num_bins)
+    return _histogram_sorted(np.sort(host64(cos)), num_bins)
 
 
 def _histogram_sorted(s: np.ndarray, num_bins: int) -> Tensor:
@@ -101,7 +78,7 @@ def _quantiles_sorted(s: np.ndarray, quantiles: Sequence[float]) -> list[float]:
 def sorted_quantiles(values: Tensor | np.ndarray, quantiles: Sequence[float]) -> list[float]:
     """Quantiles of ``values`` with linear interpolation (``torch.quantile``'s default and
     NumPy's "linear"), from one sort in float64."""
-    return _quantiles_sorted(np.sort(_host(values)), quantiles)
+    return _quantiles_sorted(np.sort(host64(values)), quantiles)
 
 
 def confusion_stats(
@@ -110,8 +87,8 @@ def confusion_stats(
 ) -> dict[str, Any]:
     """eta, min/mean cosine, quantiles ``cos_q{100q:g}`` and ``cos_hist`` from pair values
     (computed on the host in float64, from one sort)."""
-    s = np.sort(_host(cos))
-    min_inner = float(_host(inner).min())
+    s = np.sort(host64(cos))
+    min_inner = float(host64(inner).min())
     out: dict[str, Any] = {
         "eta": max(0.0, -min_inner),
         "min_inner": min_inner,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graddyn._gram import cosine_matrix_np, host_pairs
+from graddyn._gram import cosine_matrix_np, host64, host_pairs
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -50,8 +50,8 @@ def stiffness_sums(
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
     if y.max() >= num_classes or y.min() < 0:
         raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
-    g = _host(gram)
-    cos = cosine_matrix_np(g) if cosines is None else _host(cosines)
+    g = host64(gram)
+    cos = cosine_matrix_np(g) if cosines is None else host64(cosines)
     pairs = np.stack([cos, np.sign(g)])  # (2, B, B) cosine, sign
     idx = np.arange(b)
     pairs[:, idx, idx] = 0.0  # i = j pairs are excluded
@@ -66,7 +66,7 @@ def stiffness_sums(
 def stiffness_from_sums(cos: Tensor, sign: Tensor, counts: Tensor) -> dict[str, Any]:
     """Means from class-pair sums: within / between / overall, and the class x class matrices
     (NaN where a class pair has no pairs)."""
-    sums = np.stack([_host(counts), _host(cos), _host(sign)])  # (3, K, K)
+    sums = np.stack([host64(counts), host64(cos), host64(sign)])  # (3, K, K)
     (n_all, c_all, s_all) = sums.sum((1, 2)).tolist()
     (n_in, c_in, s_in) = np.trace(sums, axis1=1, axis2=2).tolist()
 
@@ -82,14 +82,6 @@ def stiffness_from_sums(cos: Tensor, sign: Tensor, counts: Tensor) -> dict[str, 
         out[f"{key}"] = ratio(s_tot, n_all)
         out[f"{key}_matrix"] = torch.from_numpy(means[k])
     return out
-
-
-def _host(t: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(t, np.ndarray):
-        return t.astype(np.float64, copy=False)
-    return t.detach().cpu().numpy().astype(np.float64, copy=False)
-
-
 @INSTRUMENTS.register("stiffness")
 class Stiffness(Instrument):
     """Sign and cosine stiffness pooled over within-batch pairs; needs ``Probe.targets``.

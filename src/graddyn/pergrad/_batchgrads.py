@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _robust_kernel as kernel
-from .._gram import cosine_matrix, cosine_matrix_np
+from .._gram import cosine_matrix_np
 from .._robust import check_c, extremes_correction, row_sum
 from ._factors import chunks
 from ._paramgrads import FlatCache, ParamGrads, _flat, inner, self_grams
@@ -43,7 +43,6 @@ class BatchGrads:
         self.batch_shape = tuple(batch_shape)
         self._grams: dict[str, Tensor] | None = None  # name -> (N, N) flat, computed once
         self._gram_total: Tensor | None = None
-        self._cosines: Tensor | None = None  # (N, N), from the Gram
         self._host: tuple[np.ndarray, np.ndarray] | None = None  # Gram, cosines (NumPy)
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised by cross_gram, kept
@@ -93,15 +92,6 @@ class BatchGrads:
         if self._gram_total is None:
             self._gram_total = sum(grams.values())
         return self._out(self._gram_total, *shapes).clone()
-
-    def cosines(self) -> Tensor:
-        """C[i, j] = <g_i, g_j> / (|g_i| |g_j|) -> (B, B) (mode='loss'), 0 for a zero gradient;
-        from the memoised Gram, computed once (confusion and stiffness share it); a copy."""
-        if len(self.batch_shape) > 1:
-            raise ValueError("cosines() is defined for mode='loss' only.")
-        if self._cosines is None:
-            self._cosines = cosine_matrix(self._out(self.gram(), self.batch_shape * 2))
-        return self._cosines.clone()
 
     def host_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(Gram, cosine matrix) as read-only (B, B) float64 NumPy arrays (mode='loss'),

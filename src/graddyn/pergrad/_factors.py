@@ -104,7 +104,6 @@ class Outer:
         lt = left.transpose(0, 1).reshape(gb, n * t, self.p).transpose(1, 2)
         return torch.bmm(lt, right.transpose(0, 1).reshape(gb, n * t, q))
 
-
     def into(self, dst: Tensor, scale: float, accumulate: bool) -> bool:
         """For a dense factor with Gb = 1 (Linear): ``dst`` (p x q elements) += (or =)
         ``scale * sum_n g_n`` by one in-place ``addmm``; False (nothing done) otherwise."""

@@ -122,7 +122,6 @@ class ParamGrads:
             out = out + extra
         return out
 
-
     def total_into(self, dst: Tensor, scale: float = 1.0, accumulate: bool = True) -> None:
         """``dst`` (param.shape) += (or, without ``accumulate``, =) ``scale * sum_n g_n``, in
         place: MLP-style factors go through one ``addmm`` into ``dst``."""
