@@ -49,11 +49,17 @@ def host_pairs(grads: object) -> tuple[np.ndarray, np.ndarray]:
     cached = getattr(grads, "host_pairs", None)
     if callable(cached):
         return cached()
-    gram = grads.gram()  # type: ignore[attr-defined]
+    return pairs_from_gram(grads.gram())  # type: ignore[attr-defined]
+
+
+def pairs_from_gram(gram: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(B, B) Gram tensor -> read-only float64 (Gram, cosine matrix) on the host."""
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"need a square (B, B) Gram, got {tuple(gram.shape)}")
     g = gram.detach().cpu().numpy().astype(np.float64)
-    return g, cosine_matrix_np(g)
+    c = cosine_matrix_np(g)
+    g.flags.writeable = c.flags.writeable = False
+    return g, c
 
 
 @functools.lru_cache(maxsize=16)

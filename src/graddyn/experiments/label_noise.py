@@ -188,7 +188,7 @@ def _schedules(cfg: LabelNoiseConfig) -> dict[str, Any]:
 
 # ``graddyn demo``: 2,000 of the subset's training images, 400 steps (20 epochs) per level
 # (100 % noise still reaches ~99 % training accuracy), f_p / f_c over the first 50 steps.
-# Measured `make demo` on an idle 2-core machine: 33 s wall (47 s CPU), report included.
+# Measured `make demo` on an idle 2-core machine: 29 s wall (47 s CPU), report included.
 DEMO = LabelNoiseConfig(n_train=2000, steps=400, split_steps=50)
 
 

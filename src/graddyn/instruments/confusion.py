@@ -75,12 +75,6 @@ def _quantiles_sorted(s: np.ndarray, quantiles: Sequence[float]) -> list[float]:
     return out
 
 
-def sorted_quantiles(values: Tensor | np.ndarray, quantiles: Sequence[float]) -> list[float]:
-    """Quantiles of ``values`` with linear interpolation (``torch.quantile``'s default and
-    NumPy's "linear"), from one sort in float64."""
-    return _quantiles_sorted(np.sort(host64(values)), quantiles)
-
-
 def confusion_stats(
     inner: Tensor | np.ndarray, cos: Tensor | np.ndarray,
     quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS,

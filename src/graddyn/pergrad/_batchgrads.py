@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _robust_kernel as kernel
-from .._gram import cosine_matrix_np
+from .._gram import pairs_from_gram
 from .._robust import check_c, extremes_correction, row_sum
 from ._factors import chunks
 from ._paramgrads import FlatCache, ParamGrads, _flat, inner, self_grams
@@ -99,10 +99,7 @@ class BatchGrads:
         if len(self.batch_shape) > 1:
             raise ValueError("host_pairs() is defined for mode='loss' only.")
         if self._host is None:
-            g = self._out(self.gram(), self.batch_shape * 2).cpu().numpy().astype(np.float64)
-            c = cosine_matrix_np(g)
-            g.flags.writeable = c.flags.writeable = False
-            self._host = (g, c)
+            self._host = pairs_from_gram(self._out(self.gram(), self.batch_shape * 2))
         return self._host
 
     def ntk(self) -> Tensor:
