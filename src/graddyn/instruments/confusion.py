@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn._gram import cosine_matrix, host64, host_pairs, upper_flat
+from graddyn._gram import cosine_matrix, host64, host_pairs, pair_kernels, upper_flat
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -80,18 +80,26 @@ def confusion_stats(
     quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS,
 ) -> dict[str, Any]:
     """eta, min/mean cosine, quantiles ``cos_q{100q:g}`` and ``cos_hist`` from pair values
-    (computed on the host in float64, from one sort)."""
-    s = np.sort(host64(cos))
-    min_inner = float(host64(inner).min())
+    (computed on the host in float64, from one sort; compiled where numba is available)."""
+    inner, s = host64(inner), np.sort(host64(cos))
+    jit = pair_kernels()
+    if jit is not None and s.size and num_bins >= 1:
+        numbers, hist = jit.confusion_numbers(inner, s, np.asarray(quantiles, np.float64),
+                                              num_bins)
+        min_inner, min_cos, mean_cos, *qs = numbers.tolist()
+        counts = torch.from_numpy(hist)
+    else:
+        min_inner, min_cos, mean_cos = float(inner.min()), float(s[0]), float(s.mean())
+        qs = _quantiles_sorted(s, quantiles)
+        counts = _histogram_sorted(s, num_bins)
     out: dict[str, Any] = {
         "eta": max(0.0, -min_inner),
         "min_inner": min_inner,
-        "min_cosine": float(s[0]),
-        "mean_cosine": float(s.mean()),
+        "min_cosine": min_cos,
+        "mean_cosine": mean_cos,
     }
-    qs = _quantiles_sorted(s, quantiles)
     out.update({f"cos_q{100 * q:g}": v for q, v in zip(quantiles, qs)})
-    out["cos_hist"] = _histogram_sorted(s, num_bins)
+    out["cos_hist"] = counts
     out["num_pairs"] = s.size
     return out
 

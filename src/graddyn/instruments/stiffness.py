@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from graddyn._gram import cosine_matrix_np, host64, host_pairs
+from graddyn._gram import cosine_matrix_np, host64, host_pairs, pair_kernels
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -38,10 +38,17 @@ def stiffness_sums(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per class pair (a, b): sums of cosine and of sign stiffness, and ordered-pair counts,
     each (K, K) float64 on the CPU, over pairs i != j of one batch. ``cosines``: the Gram's
-    (B, B) cosine matrix if already at hand.
+    (B, B) cosine matrix if already at hand."""
+    return tuple(torch.from_numpy(s) for s in _sums(gram, labels, num_classes, cosines))
 
-    Computed on the host with NumPy: O(B^2 K) work in a handful of calls, where torch's
-    per-call dispatch would dominate at B = 100 (this runs every training step)."""
+
+def _sums(gram: Tensor | np.ndarray, labels: Tensor, num_classes: int,
+          cosines: Tensor | np.ndarray | None = None) -> np.ndarray:
+    """``stiffness_sums`` as one (3, K, K) float64 array (cosine, sign, counts).
+
+    Computed on the host: compiled (``graddyn._pairs_jit``) where numba is available, else
+    ``_sums_numpy``; O(B^2 K) work in a handful of calls either way, where torch's per-call
+    dispatch would dominate at B = 100 (this runs every training step)."""
     b = gram.shape[0]
     if labels.shape != (b,):
         raise ValueError(f"labels must be ({b},) to match the Gram, got {tuple(labels.shape)}")
@@ -52,36 +59,60 @@ def stiffness_sums(
         raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
     g = host64(gram)
     cos = cosine_matrix_np(g) if cosines is None else host64(cosines)
+    jit = pair_kernels()
+    if jit is not None:
+        return jit.stiffness_sums(g, cos, y, num_classes)
+    return _sums_numpy(g, cos, y, num_classes)
+
+
+def _sums_numpy(g: np.ndarray, cos: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """The reference: class-pair sums as one-hot products, (3, K, K)."""
+    b = g.shape[0]
     pairs = np.stack([cos, np.sign(g)])  # (2, B, B) cosine, sign
     idx = np.arange(b)
     pairs[:, idx, idx] = 0.0  # i = j pairs are excluded
-    onehot = np.zeros((b, num_classes))
+    onehot = np.zeros((b, k))
     onehot[idx, y] = 1.0  # (B, K)
-    cos_sum, sign_sum = onehot.T @ pairs @ onehot  # (2, K, K)
     n = onehot.sum(0)  # (K,) examples per class
     counts = np.outer(n, n) - np.diag(n)  # ordered pairs i != j per class pair
-    return torch.from_numpy(cos_sum), torch.from_numpy(sign_sum), torch.from_numpy(counts)
+    return np.concatenate([onehot.T @ pairs @ onehot, counts[None]])
 
 
 def stiffness_from_sums(cos: Tensor, sign: Tensor, counts: Tensor) -> dict[str, Any]:
     """Means from class-pair sums: within / between / overall, and the class x class matrices
     (NaN where a class pair has no pairs)."""
-    sums = np.stack([host64(counts), host64(cos), host64(sign)])  # (3, K, K)
-    (n_all, c_all, s_all) = sums.sum((1, 2)).tolist()
-    (n_in, c_in, s_in) = np.trace(sums, axis1=1, axis2=2).tolist()
+    return _means(np.stack([host64(cos), host64(sign), host64(counts)]))
+
+
+def _means(sums: np.ndarray) -> dict[str, Any]:
+    """``stiffness_from_sums`` of one (3, K, K) float64 array (cosine, sign, counts)."""
+    jit = pair_kernels()
+    scalars, means = jit.stiffness_means(sums) if jit is not None else _means_numpy(sums)
+    out: dict[str, Any] = {}
+    for k, key in enumerate(("cosine", "sign")):
+        s, s_in, s_between = scalars[3 * k : 3 * k + 3].tolist()
+        out[f"{key}_within"] = s_in
+        out[f"{key}_between"] = s_between
+        out[key] = s
+        out[f"{key}_matrix"] = torch.from_numpy(means[k])
+    return out
+
+
+def _means_numpy(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference of ``_pairs_jit.stiffness_means``: (scalars (6,), means (2, K, K))."""
+    c_all, s_all, n_all = sums.sum((1, 2)).tolist()
+    c_in, s_in, n_in = np.trace(sums, axis1=1, axis2=2).tolist()
 
     def ratio(s: float, n: float) -> float:
         return s / n if n > 0 else float("nan")
 
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(sums[0] > 0, sums[1:] / sums[0], np.nan)  # (2, K, K)
-    out: dict[str, Any] = {}
-    for k, (key, s_tot, s_in_) in enumerate((("cosine", c_all, c_in), ("sign", s_all, s_in))):
-        out[f"{key}_within"] = ratio(s_in_, n_in)
-        out[f"{key}_between"] = ratio(s_tot - s_in_, n_all - n_in)
-        out[f"{key}"] = ratio(s_tot, n_all)
-        out[f"{key}_matrix"] = torch.from_numpy(means[k])
-    return out
+        means = np.where(sums[2] > 0, sums[:2] / sums[2], np.nan)  # (2, K, K)
+    scalars = [ratio(c_all, n_all), ratio(c_in, n_in), ratio(c_all - c_in, n_all - n_in),
+               ratio(s_all, n_all), ratio(s_in, n_in), ratio(s_all - s_in, n_all - n_in)]
+    return np.array(scalars), means
+
+
 @INSTRUMENTS.register("stiffness")
 class Stiffness(Instrument):
     """Sign and cosine stiffness pooled over within-batch pairs; needs ``Probe.targets``.
@@ -97,26 +128,24 @@ class Stiffness(Instrument):
         self.reset()
 
     def reset(self) -> None:
-        self._sums: list[Tensor] | None = None
+        self._sums: np.ndarray | None = None  # (3, K, K): cosine, sign, counts
 
     def update(self, probe: Probe) -> None:
         gram, cos = host_pairs(require_grads(probe, "Stiffness"))  # (B, B) float64
         if probe.targets is None:
             raise ValueError("Stiffness needs labels: pass Probe(targets=y, ...)")
         k = self.num_classes or int(probe.targets.max()) + 1
-        if self._sums is not None and not self.num_classes and self._sums[0].shape[0] > k:
-            k = self._sums[0].shape[0]
-        new = stiffness_sums(gram, probe.targets, k, cos)
+        if self._sums is not None and not self.num_classes and self._sums.shape[1] > k:
+            k = self._sums.shape[1]
+        new = _sums(gram, probe.targets, k, cos)
         if self._sums is None:
-            self._sums = list(new)
+            self._sums = new
             return
-        old_k = self._sums[0].shape[0]
-        for idx, t in enumerate(new):
-            grown = torch.zeros_like(t)
-            grown[:old_k, :old_k] = self._sums[idx]
-            self._sums[idx] = grown + t
+        old_k = self._sums.shape[1]
+        new[:, :old_k, :old_k] += self._sums
+        self._sums = new
 
     def compute(self) -> dict[str, Any]:
         if self._sums is None:
             raise empty_error("Stiffness")
-        return stiffness_from_sums(*self._sums)
+        return _means(self._sums)

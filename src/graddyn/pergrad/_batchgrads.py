@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _robust_kernel as kernel
-from .._gram import pairs_from_gram
+from .._gram import pairs_from_grams
 from .._robust import check_c, extremes_correction, row_sum
 from ._factors import chunks
 from ._paramgrads import FlatCache, ParamGrads, _flat, inner, self_grams
@@ -95,11 +95,12 @@ class BatchGrads:
 
     def host_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(Gram, cosine matrix) as read-only (B, B) float64 NumPy arrays (mode='loss'),
-        memoised: the instruments' O(B^2) statistics run on the host (see ``graddyn._gram``)."""
+        memoised: the instruments' O(B^2) statistics run on the host (see ``graddyn._gram``).
+        The per-layer Grams are summed in float64 there."""
         if len(self.batch_shape) > 1:
             raise ValueError("host_pairs() is defined for mode='loss' only.")
         if self._host is None:
-            self._host = pairs_from_gram(self._out(self.gram(), self.batch_shape * 2))
+            self._host = pairs_from_grams(list(self._layer_grams().values()))
         return self._host
 
     def ntk(self) -> Tensor:
