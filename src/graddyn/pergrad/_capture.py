@@ -293,9 +293,13 @@ class Capture:
 
     def _apply(self, m: nn.Module, kind: str, wanted: set[str], c: _Call, gs: list,
                k: int, n: int, pgs: dict[int, ParamGrads]) -> None:
-        if all(g is None for g in gs):
-            return  # this call does not influence the losses
-        gs = [torch.zeros_like(o) if g is None else g for g, o in zip(gs, c.outputs)]
+        if len(gs) == 1:  # one output (most layers)
+            if gs[0] is None:
+                return  # this call does not influence the losses
+        elif all(g is None for g in gs):
+            return
+        else:
+            gs = [torch.zeros_like(o) if g is None else g for g, o in zip(gs, c.outputs)]
         if k > 1:  # mode='output': grads (K, B, ...) -> rows n = b K + k; inputs repeated
             gs = [g.movedim(0, 1).reshape(n, *g.shape[2:]) for g in gs]
             c = _Call(*tree_map(lambda t: _repeat(t, k, n // k), (c.args, c.kwargs)),

@@ -39,7 +39,8 @@ class ParamGrads:
         return self.param.shape
 
     def add_dense(self, g: Tensor) -> None:
-        g = g.reshape(self.n, *self.shape)
+        if g.shape[1:] != self.shape or g.shape[0] != self.n:
+            g = g.reshape(self.n, *self.shape)
         self.dense = g if self.dense is None else self.dense + g
 
     def add_outer(self, f: Outer) -> None:
@@ -135,6 +136,12 @@ class ParamGrads:
         for i, part in enumerate(parts):
             add = accumulate or i > 0
             if isinstance(part, Outer) and part.into(dst, scale, add):
+                continue
+            if (not add and isinstance(part, Tensor) and part.dtype == dst.dtype
+                    and dst.is_contiguous()):  # e.g. a bias: two ops straight into dst
+                torch.sum(part, 0, out=dst.view(part.shape[1:]))
+                if scale != 1.0:
+                    dst.mul_(scale)
                 continue
             value = (part.sum(0).reshape(self.shape) * scale if isinstance(part, Tensor)
                      else part.total(scale).reshape(self.shape)).to(dst.dtype)

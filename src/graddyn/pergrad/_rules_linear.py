@@ -27,9 +27,17 @@ def linear_rule(m: nn.Linear, args: tuple, g: Tensor, wanted: set[str]) -> list[
     ('bias', torch.Size([4, 2]))
     """
     n = g.shape[0]
-    x = args[0].reshape(n, -1, m.in_features)  # (N, T, in)
+    x = args[0]
+    if x.dim() == 2 and g.dim() == 2:  # (N, in), (N, out): an MLP layer, T = 1; fewest view
+        # ops (this runs every measured training step)
+        uses = [("weight", Outer(g[:, None, None], x[:, None, None], m.out_features))] \
+            if "weight" in wanted else []
+        if "bias" in wanted and m.bias is not None:
+            uses.append(("bias", g))
+        return uses
+    x = x.reshape(n, -1, m.in_features)  # (N, T, in)
     g = g.reshape(n, -1, m.out_features)  # (N, T, out)
-    uses: list[Use] = []
+    uses = []
     if "weight" in wanted:
         uses.append(("weight", Outer(g[:, None], x[:, None], m.out_features)))
     if "bias" in wanted and m.bias is not None:

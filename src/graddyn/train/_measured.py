@@ -26,12 +26,15 @@ from graddyn.train._rules import LossFn, check_losses
 
 
 def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor,
-                      overwrite: bool = False) -> tuple[Tensor, Any, Tensor]:
+                      overwrite: bool = False, write: bool = True
+                      ) -> tuple[Tensor, Any, Tensor]:
     """Adds the mean-loss gradient to ``p.grad`` (like ``loss_fn(model(x), y).mean()
     .backward()``; ``overwrite=True``: writes it over ``p.grad``, like ``zero_grad(
     set_to_none=False)`` first) and returns ``(losses (B,), BatchGrads of the unscaled
     per-example losses, outputs)``, both tensors detached. Existing ``p.grad`` buffers are
-    updated in place (see ``BatchGrads.write_grad``)."""
+    updated in place (see ``BatchGrads.write_grad``). ``write=False`` leaves ``p.grad``
+    alone: call ``grads.write_grad(1 / B, overwrite)`` yourself, e.g. after measuring (the
+    factors the Gram needs are then still in cache)."""
     from graddyn.pergrad import capture
 
     with capture(model) as cap:
@@ -39,5 +42,6 @@ def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor,
         losses = loss_fn(outputs, y)  # (B,)
         check_losses(losses, len(y))
     grads = cap.backward(losses)  # covers every parameter with requires_grad (capture's default)
-    grads.write_grad(scale=1.0 / len(y), overwrite=overwrite)
+    if write:
+        grads.write_grad(scale=1.0 / len(y), overwrite=overwrite)
     return losses.detach(), grads, outputs.detach()

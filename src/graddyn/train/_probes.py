@@ -39,6 +39,8 @@ def pergrad_engine(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> t
 
 def _as_metric(value: Any) -> float | None:
     """A float for scalars (Python, NumPy, 1-element tensors); None for real arrays."""
+    if type(value) is float:  # most instrument results: no further checks
+        return value
     if isinstance(value, Tensor):
         return float(value) if value.numel() == 1 else None
     if hasattr(value, "shape") and getattr(value, "size", 1) != 1:
