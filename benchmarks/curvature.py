@@ -10,9 +10,12 @@ graddyn's and curvlinops' Hutchinson run on the *same* Rademacher probes (regene
 PyHessian's seed), so their estimates equal PyHessian's to float32 rounding: equal accuracy by
 construction; the ``SE`` column is the Monte-Carlo standard error of those ``m`` probes, the
 error column the distance to the exact trace. ``graddyn hutchinson (own)`` is the library call
-with its own probes. graddyn's operator runs in ``mode="auto"`` (a loop of double-backwards on
-a cached gradient graph for the CNN, a vmapped forward-over-reverse for the MLP: see
-``HessianOperator``); ``--all-modes`` adds rows forcing each mode.
+with its own probes. ``graddyn GGN hutchinson`` (``ggn_hutchinson_trace``) runs on the same
+probes but reads ``z^T G z`` of the Gauss-Newton matrix from each layer's own tangent (one
+forward product per layer and probe): the same expectation for these piecewise-linear nets
+(tr G = tr H), its own variance. graddyn's operator runs in ``mode="auto"`` (a loop of
+double-backwards on a cached gradient graph for the CNN, a vmapped forward-over-reverse for
+the MLP: see ``HessianOperator``); ``--all-modes`` adds rows forcing each mode.
 Eigenvalue: largest-magnitude eigenvalue. PyHessian's power iteration (tol 1e-3), graddyn's
 ``lanczos_eigenvalue`` at two tolerances (its error estimate is conservative: tol 1e-2 lands
 near PyHessian's error), ARPACK ``top_eigenvalues`` (tol 1e-3, as before) and curvlinops'
@@ -50,6 +53,7 @@ from graddyn.curvature import (
     lanczos_eigenvalue,
     top_eigenvalues,
 )
+from graddyn.curvature._ggn_trace import GaussNewtonForms
 
 
 def mnist_cnn() -> nn.Module:
@@ -122,7 +126,12 @@ def pyhessian_probes(model: nn.Module, m: int, seed: int) -> Tensor:
 
 def hutchinson_row(matmat: Callable[[Tensor], Tensor], Z: Tensor, chunk: int) -> Row:
     """Hutchinson on the given probes, ``chunk`` columns per mat-mat call."""
-    s = torch.cat([(Zc * matmat(Zc)).sum(0) for Zc in Z.split(chunk, 1)]).double()
+    return forms_row(lambda Zc: (Zc * matmat(Zc)).sum(0), Z, chunk)
+
+
+def forms_row(forms: Callable[[Tensor], Tensor], Z: Tensor, chunk: int) -> Row:
+    """Mean and standard error of the quadratic forms ``forms(Zc)`` of the given probes."""
+    s = torch.cat([forms(Zc) for Zc in Z.split(chunk, 1)]).double()
     return Row(s.mean().item(), s.std().item() / math.sqrt(len(s)), len(s))
 
 
@@ -202,6 +211,8 @@ def graddyn_cases(model, batch, Z, args) -> list[Case]:
         ("trace", "graddyn exact (probe-free)", lambda: Row(exact_trace(op()).value, 0.0, 0)),
         ("trace", "graddyn hutchinson", lambda: hutchinson_row(op().matmat, Z, args.chunk)),
         ("trace", "graddyn hutchinson (own)", own),
+        ("trace", "graddyn GGN hutchinson", lambda: forms_row(GaussNewtonForms(op()), Z,
+                                                               args.chunk)),
         ("eig", "graddyn lanczos (tol 1e-2)", lanczos(1e-2)),
         ("eig", "graddyn lanczos (tol 1e-3)", lanczos(1e-3)),
         ("eig", "graddyn eigsh (tol 1e-3)", arpack),

@@ -7,6 +7,7 @@ same function is tested on a 10x10 matrix and used on a network::
     op = HessianOperator(model, F.cross_entropy, (x, y), params=["fc2.weight", "fc2.bias"])
     hutchinson_trace(op, max_probes=200, rtol=0.01)   # TraceEstimate(value, std_error, ...)
     exact_trace(op)                   # piecewise-linear nets (ReLU, ...): exact, probe-free
+    ggn_hutchinson_trace(op, 100)     # piecewise-linear nets: Hutchinson from J z only
     lanczos_eigenvalue(op, tol=1e-3)  # EigenEstimate: top eigenvalue to relative error ~tol
     top_eigenvalues(op, k=3)                          # SciPy eigsh (Lanczos) on op.to_scipy()
 
@@ -16,6 +17,7 @@ Flattening: vectors concatenate ``p.flatten()`` over the selected parameters in
 
 from graddyn.curvature._eigen import power_iteration, top_eigenvalues
 from graddyn.curvature._exact import exact_trace
+from graddyn.curvature._ggn_trace import ggn_hutchinson_trace
 from graddyn.curvature._lanczos import EigenEstimate, lanczos_eigenvalue, lanczos_tridiag
 from graddyn.curvature._linearity import NotPiecewiseLinearError
 from graddyn.curvature._matmat import Operator
@@ -31,6 +33,7 @@ __all__ = [
     "TraceEstimate",
     "dense_hessian",
     "exact_trace",
+    "ggn_hutchinson_trace",
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos_eigenvalue",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,15 +58,23 @@ def hutchinson_trace(A: Tensor | Operator | MatMat, max_probes: int = 100, *,
         >>> hutchinson_trace(torch.diag(torch.arange(4.0)), 50).value  # Rademacher: exact
         6.0
     """
+    op = as_square(A, dim)
+    return hutchinson_loop(lambda Z: (Z * op.matmat(Z)).sum(0), lambda k: op.probes(k, generator),
+                           max_probes, batch_size, rtol, min_probes)
+
+
+def hutchinson_loop(forms: Callable[[Tensor], Tensor], draw: Callable[[int], Tensor],
+                    max_probes: int, batch_size: int, rtol: float | None,
+                    min_probes: int) -> TraceEstimate:
+    """Hutchinson's loop with its stopping rule: ``draw(k)`` gives ``(P, k)`` probes and
+    ``forms(Z)`` their quadratic forms ``(k,)``; see :func:`hutchinson_trace`."""
     _check_budget("max_probes", max_probes, 2)
     _check_budget("batch_size", batch_size, 1)
-    op = as_square(A, dim)
     samples: list[Tensor] = []
     m = 0
     while m < max_probes:
         k = min(batch_size, max_probes - m)
-        Z = op.probes(k, generator)
-        samples.append((Z * op.matmat(Z)).sum(0).detach().to(torch.float64).cpu())
+        samples.append(forms(draw(k)).detach().to(torch.float64).cpu())
         m += k
         est, se = _mean_se(torch.cat(samples))
         if rtol is not None and m >= min_probes and se <= rtol * abs(est):
