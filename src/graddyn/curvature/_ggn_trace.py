@@ -94,15 +94,17 @@ class GaussNewtonForms:
 
     def _batch_forms(self, b: int, x: Any, y: Tensor, Z: Tensor) -> Tensor:
         op = self.op
+        setup = self._setup.get(b)
+        if isinstance(setup, _Layers):  # the per-layer path reads only its own set-up
+            return setup.forms(Z, op).to(torch.float64)
         named = dict(op.model.named_parameters())
         frozen = {n: t.detach() for n, t in named.items() if n not in op.names}
         frozen.update(op.model.named_buffers())
         theta = tuple(named[n].detach() for n in op.names)
-        if b not in self._setup:
-            self._setup[b] = self._prepare(x, y, frozen, theta)
-        setup = self._setup[b]
-        if isinstance(setup, _Layers):
-            return setup.forms(Z, op).to(torch.float64)
+        if setup is None:
+            setup = self._setup[b] = self._prepare(x, y, frozen, theta)
+            if isinstance(setup, _Layers):
+                return setup.forms(Z, op).to(torch.float64)
         seeds, signs = setup  # (r, N, D), (r, N)
 
         def outputs(*ps: Tensor) -> Tensor:
