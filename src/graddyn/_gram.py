@@ -101,8 +101,8 @@ def pairs_from_grams(grams: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
                         for g in grams):
         raise ValueError(f"need square (B, B) Grams of one shape, got "
                          f"{[tuple(g.shape) for g in grams]}")
-    stack = np.stack([g.detach().cpu().numpy() for g in grams])  # (L, B, B); NumPy's is ~5x
-    # cheaper than torch.stack here
+    stack = np.stack([g.detach().cpu().numpy() for g in grams])  # (L, B, B); a little
+    # cheaper than torch.stack (21 vs 26 us per call in a profile of the measured step)
     jit = pair_kernels()
     if jit is not None and stack.dtype in (np.float32, np.float64):
         g, c = jit.gram_and_cosines(stack)
