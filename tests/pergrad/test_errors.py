@@ -99,7 +99,7 @@ def test_backward_twice_and_reuse():
     cap.backward(losses, retain_graph=True)
     with pytest.raises(CaptureError, match="already called"):
         cap.backward(losses)
-    with pytest.raises(CaptureError, match="single use"):
+    with pytest.raises(CaptureError, match="entered once"):
         with cap:
             pass
 

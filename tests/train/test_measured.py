@@ -116,3 +116,33 @@ def test_measured_and_plain_steps_mix_without_changing_the_trajectory():
     for a, b in zip(plain_model.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert [s for s, name, _ in mixed.history if name == "confusion/eta"] == [2, 3, 6]
+
+
+def test_one_capture_serves_the_fit_and_follows_a_replaced_layer():
+    """The trainer keeps one capture open for the whole fit (rearmed per measured step); an
+    intervention that swaps in a new last layer mid-run is picked up (its parameters get
+    gradients), and no hook is left on the model afterwards."""
+    from graddyn.train import Event
+
+    class SwapLastLayer:
+        def match(self, event, st):
+            return event is Event.BATCH_START and st.step == 3
+
+        def apply(self, event, st):
+            torch.manual_seed(5)
+            st.model[2] = nn.Linear(7, 3).double()
+            st.optimizer.param_groups[0]["params"][-2:] = list(st.model[2].parameters())
+
+    def run(measure: bool):
+        model = _model()
+        kw = {"batch_instruments": [(Confusion(), every(1))]} if measure else {}
+        tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), batch_size=8,
+                     checkpoint_schedule=None, progress=False,
+                     interventions=[SwapLastLayer()], **kw)
+        tr.fit(6)
+        return model
+
+    plain, measured = run(False), run(True)
+    for a, b in zip(plain.parameters(), measured.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in measured.modules())

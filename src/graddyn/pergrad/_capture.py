@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -40,8 +41,23 @@ class _Call:
     versions: list[int]
 
 
+class _Planned(NamedTuple):
+    """One module of the backward plan."""
+
+    module: nn.Module
+    kind: str  # 'rule' | 'fallback'
+    wanted: set[str]  # its captured parameters, names relative to the module
+    serves: frozenset[int]  # their ids
+
+
+def _param_signature(model: nn.Module) -> list[tuple[int, bool]]:
+    """What a capture's layout depends on: which parameter objects, and which train."""
+    return [(id(p), p.requires_grad) for p in model.parameters()]
+
+
 class Capture:
-    """Context manager returned by :func:`capture`; see there. Single use."""
+    """Context manager returned by :func:`capture`; see there. Entered once; inside its
+    block, ``rearm()`` after ``backward()`` records the next forward pass."""
 
     def __init__(self, model: nn.Module, params: object = None, mode: str = "loss",
                  strategy: str | Mapping[str, str] = "auto", fallback: bool = True,
@@ -49,14 +65,25 @@ class Capture:
         if mode not in ("loss", "output"):
             raise ValueError(f"mode must be 'loss' or 'output', got {mode!r}.")
         self.model, self.mode, self.fallback, self.check = model, mode, fallback, check
-        # The module tree is walked once here and reused (a capture per training step
-        # should not pay for dozens of named_modules() walks).
+        self._params_arg, self._strategy_arg = params, strategy
+        self._layout()
+        self._calls: dict[int, list[_Call]] = {}
+        self._batch_ptrs: set[int] = set()  # storages of the tensors given to model(...)
+        self._handles: list = []
+        self._state = "new"
+        self._recording = False  # True only while open: hooks record nothing otherwise
+
+    def _layout(self) -> None:
+        """Walk the module tree once (a capture per training step should not pay for dozens
+        of named_modules() walks); ``rearm`` walks it again only if the parameters changed."""
+        model = self.model
         self._modules = list(model.named_modules())  # [(qualified name, module)]
         named = list(model.named_parameters())
-        self._names = resolve_params(model, params, named)  # id(param) -> name
-        self._strategy = resolve_strategy(strategy, self._names.values())
+        self._names = resolve_params(model, self._params_arg, named)  # id(param) -> name
+        self._strategy = resolve_strategy(self._strategy_arg, self._names.values())
         self._qual = {id(m): k for k, m in self._modules}
         self._by_id = {id(p): p for _, p in named}
+        self._signature = _param_signature(model)
         # modules owning captured parameters directly: id -> (module, {attr: param})
         self._owners: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
         for _, m in self._modules:
@@ -64,17 +91,42 @@ class Capture:
                    if p is not None and id(p) in self._names}
             if own:
                 self._owners[id(m)] = (m, own)
-        self._calls: dict[int, list[_Call]] = {}
-        self._batch_ptrs: set[int] = set()  # storages of the tensors given to model(...)
-        self._handles: list = []
-        self._state = "new"
-        self._recording = True
+        self._plans: dict[tuple[int, ...], list[_Planned]] = {}  # called modules -> plan
 
     # --- recording ----------------------------------------------------------------------
     def __enter__(self) -> Capture:
         if self._state != "new":
-            raise CaptureError("a Capture is single use: open a new `with graddyn.capture(model)`"
-                               " block for each batch.")
+            raise CaptureError("a Capture is entered once: open a new `with graddyn.capture("
+                               "model)` block for each batch, or call rearm() inside the block "
+                               "before the next forward.")
+        self._install()
+        self._state, self._recording = "open", True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._uninstall()
+        self._recording = False
+        self._state = "closed" if self._state == "open" else self._state
+
+    def rearm(self) -> None:
+        """Ready the capture for another forward pass, inside its ``with`` block, after
+        ``backward()``: the hooks stay installed (a training loop pays for them once).
+        If the model's parameters changed since (replaced, added, ``requires_grad``
+        flipped), the module tree is walked and hooked again. Between ``backward()`` and
+        ``rearm()`` nothing is recorded, so other forward passes (evaluation, another
+        capture of the same model) may run in between."""
+        if not self._handles:
+            raise CaptureError("rearm() works inside the capture's with block (it keeps the "
+                               "hooks installed); open a `with graddyn.capture(model)` first.")
+        if _param_signature(self.model) != self._signature:
+            self._uninstall()
+            self._layout()
+            self._install()
+        self._calls.clear()
+        self._batch_ptrs.clear()
+        self._state, self._recording = "open", True
+
+    def _install(self) -> None:
         self._check_supported()
         for m in self._hooked_modules():
             self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
@@ -83,14 +135,11 @@ class Capture:
         for _, m in self._modules:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(m.register_forward_pre_hook(self._bn_check))
-        self._state = "open"
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def _uninstall(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._state = "closed" if self._state == "open" else self._state
 
     def _check_supported(self) -> None:
         if self.fallback:
@@ -156,7 +205,7 @@ class Capture:
         if not plan:
             raise CaptureError("nothing captured: no module owning a captured parameter was "
                                "called (with batched inputs) inside the with block.")
-        calls = [c for m, _, _ in plan for c in self._calls[id(m)]]
+        calls = [c for pl in plan for c in self._calls[id(pl.module)]]
         self._check_versions(calls)
         if self.check:
             self._check_graph(losses, plan)
@@ -172,12 +221,12 @@ class Capture:
         pgs = {i: ParamGrads(name, self._by_id[i], n, strategy=self._strategy[name])
                for i, name in self._names.items()}
         it = iter(grads)
-        for m, kind, wanted in plan:
+        for m, kind, wanted, _ in plan:
             for c in self._calls[id(m)]:
                 gs = [next(it) for _ in c.outputs]
                 self._apply(m, kind, wanted, c, gs, k, n, pgs)
         self._calls.clear()
-        self._state = "done"
+        self._state, self._recording = "done", False
         batch = (losses.shape[0],) if self.mode == "loss" else (losses.shape[0], k)
         return BatchGrads([pgs[i] for i in self._names], batch)
 
@@ -203,7 +252,17 @@ class Capture:
                                "have no autograd graph). Fix: compute them inside the with "
                                "block from the model output, with gradients enabled.")
 
-    def _plan(self) -> list[tuple[nn.Module, str, set[str]]]:
+    def _plan(self) -> list[_Planned]:
+        """The backward plan of the recorded calls, memoised by which modules were called
+        (a training loop calls the same ones every step)."""
+        key = tuple(self._calls)
+        if key not in self._plans:
+            self._plans[key] = [_Planned(m, kind, wanted,
+                                         frozenset(id(m.get_parameter(r)) for r in wanted))
+                                for m, kind, wanted in self._derive_plan()]
+        return self._plans[key]
+
+    def _derive_plan(self) -> list[tuple[nn.Module, str, set[str]]]:
         """[(module, 'rule'|'fallback', parameter names relative to module)]."""
         plan: dict[int, tuple[nn.Module, str, set[str]]] = {}
         called = {pid for m, own in self._owners.values() if id(m) in self._calls
@@ -273,13 +332,10 @@ class Capture:
         self._calls = {i: cs for i, cs in self._calls.items() if i not in shared}
         return {id(t): g for t, g in zip(outs, g1) if g is not None} if reuse else None
 
-    def _check_graph(self, losses: Tensor, plan: list[tuple[nn.Module, str, set[str]]]) -> None:
+    def _check_graph(self, losses: Tensor, plan: list[_Planned]) -> None:
         """Raise if a captured parameter reaches the losses outside the planned calls."""
-        planned = []
-        for m, kind, wanted in plan:
-            serves = {id(m.get_parameter(rel)) for rel in wanted}
-            planned += [PlannedCall(c.outputs, c.ins, kind == "fallback", serves)
-                        for c in self._calls[id(m)]]
+        planned = [PlannedCall(c.outputs, c.ins, pl.kind == "fallback", pl.serves)
+                   for pl in plan for c in self._calls[id(pl.module)]]
         names = stray_uses(losses, planned, self._names)
         if names:
             raise CaptureError(stray_message(names))
@@ -311,11 +367,11 @@ class Capture:
             return
         from ._fallback import fallback_grads
 
-        self._recording = False
+        recording, self._recording = self._recording, False
         try:
             res = fallback_grads(m, sorted(wanted), c.args, c.kwargs, c.out_pos, gs, n)
         finally:
-            self._recording = True
+            self._recording = recording
         for rel, g in res.items():
             pgs[id(m.get_parameter(rel))].add_dense(g)
 
@@ -342,6 +398,10 @@ def capture(model: nn.Module, params: object = None, mode: str = "loss",
             raise :class:`CaptureError` if a captured parameter is also used as a plain tensor
             there (its share of the gradient would be missing). Costs about 1 us per node
             outside the layers; ``False`` skips it (only for models known to be clean).
+
+    A training loop can keep one capture open and call ``cap.rearm()`` before each step's
+    forward (the hooks are installed once; nothing is recorded between ``backward()`` and
+    ``rearm()``).
 
     >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])

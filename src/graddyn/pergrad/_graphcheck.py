@@ -21,7 +21,7 @@ microsecond of Python per node, e.g. ~10 nodes for an MLP, a few hundred for a t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -33,7 +33,7 @@ class PlannedCall:
     outputs: list[Tensor]
     inputs: list[Tensor]
     fallback: bool
-    serves: set[int] = field(default_factory=set)  # id(parameter) computed by this call
+    serves: frozenset[int] = frozenset()  # id(parameter) computed by this call
 
 
 @dataclass

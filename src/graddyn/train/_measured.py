@@ -18,29 +18,41 @@ The ``Trainer`` does this for its ``batch_instruments`` on the steps they are du
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from graddyn.train._rules import LossFn, check_losses
 
+if TYPE_CHECKING:
+    from graddyn.pergrad import Capture
+
 
 def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor,
-                      overwrite: bool = False, write: bool = True
-                      ) -> tuple[Tensor, Any, Tensor]:
+                      overwrite: bool = False, write: bool = True,
+                      cap: Capture | None = None) -> tuple[Tensor, Any, Tensor]:
     """Adds the mean-loss gradient to ``p.grad`` (like ``loss_fn(model(x), y).mean()
     .backward()``; ``overwrite=True``: writes it over ``p.grad``, like ``zero_grad(
     set_to_none=False)`` first) and returns ``(losses (B,), BatchGrads of the unscaled
     per-example losses, outputs)``, both tensors detached. Existing ``p.grad`` buffers are
     updated in place (see ``BatchGrads.write_grad``). ``write=False`` leaves ``p.grad``
     alone: call ``grads.write_grad(1 / B, overwrite)`` yourself, e.g. after measuring (the
-    factors the Gram needs are then still in cache)."""
-    from graddyn.pergrad import capture
+    factors the Gram needs are then still in cache). ``cap``: an open ``capture(model)``
+    to reuse (it is rearmed; its hooks stay installed between steps), else a fresh one."""
+    if cap is None:
+        from graddyn.pergrad import capture
 
-    with capture(model) as cap:
-        outputs = model(x)
-        losses = loss_fn(outputs, y)  # (B,)
-        check_losses(losses, len(y))
+        with capture(model) as fresh:
+            return _measured(fresh, model, loss_fn, x, y, overwrite, write)
+    cap.rearm()
+    return _measured(cap, model, loss_fn, x, y, overwrite, write)
+
+
+def _measured(cap: Capture, model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor,
+              overwrite: bool, write: bool) -> tuple[Tensor, Any, Tensor]:
+    outputs = model(x)
+    losses = loss_fn(outputs, y)  # (B,)
+    check_losses(losses, len(y))
     grads = cap.backward(losses)  # covers every parameter with requires_grad (capture's default)
     if write:
         grads.write_grad(scale=1.0 / len(y), overwrite=overwrite)
