@@ -20,6 +20,9 @@ Eigenvalue: largest-magnitude eigenvalue. PyHessian's power iteration (tol 1e-3)
 ``lanczos_eigenvalue`` at two tolerances (its error estimate is conservative: tol 1e-2 lands
 near PyHessian's error), ARPACK ``top_eigenvalues`` (tol 1e-3, as before) and curvlinops'
 operator under SciPy ``eigsh``; errors against a tight Lanczos (tol 1e-10) reference.
+``--track K``: the top eigenvalue tracked during training, at K points ``--track-every``
+SGD steps apart: PyHessian (random start each call: its API takes no start vector) against
+graddyn's Lanczos started from the previous point's eigenvector (``start=``), and cold.
 Times: best over ``--repeats`` rounds, each round running every method once (so a burst of
 load from other jobs hits all methods alike): wall and process CPU seconds.
 
@@ -293,7 +296,59 @@ def bench_model(name: str, args: argparse.Namespace, sync: Callable[[], None]) -
         except ImportError as err:
             print(f"  {peer}: not installed ({err})")
     report(run_rounds(cases, args.repeats, sync), {"trace": trace_ref, "eig": lam_ref})
+    if args.track:
+        track(model, x, y, batch, args, sync)
     print(f"  load average after: {os.getloadavg()[0]:.1f}")
+
+
+def track(model: nn.Module, x: Tensor, y: Tensor, batch: tuple[Tensor, Tensor],
+          args: argparse.Namespace, sync: Callable[[], None]) -> None:
+    """The top eigenvalue tracked during training (e.g. sharpness over a run): every
+    ``--track-every`` SGD steps (lr 0.01, batches of 32 after the ones ``train`` used), on the
+    same evaluation batch. PyHessian's ``eigenvalues`` has no start-vector argument, so each
+    of its calls starts from a random vector; graddyn's Lanczos starts from its previous
+    estimate's vector (``start=``), and also runs cold for comparison."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    prev = lanczos_eigenvalue(HessianOperator(model, F.cross_entropy, batch), which="LA",
+                              tol=1e-10, generator=gen).vector
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    step = args.train_steps
+    print(f"  tracking: every {args.track_every} SGD steps (lr 0.01), warm start = previous "
+          "vector")
+    for _ in range(args.track):
+        model.train()
+        for _ in range(args.track_every):
+            idx = torch.arange(step * 32, (step + 1) * 32) % len(x)
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        ref = lanczos_eigenvalue(HessianOperator(model, F.cross_entropy, batch), which="LA",
+                                 tol=1e-10, generator=gen)
+        start = prev
+
+        def warm(tol: float, start: Tensor = start) -> Callable[[], Row]:
+            def run() -> Row:
+                est = lanczos_eigenvalue(HessianOperator(model, F.cross_entropy, batch),
+                                         which="LA", tol=tol, start=start)
+                return Row(est.value, math.nan, est.num_matvecs)
+            return run
+
+        def cold() -> Row:
+            est = lanczos_eigenvalue(HessianOperator(model, F.cross_entropy, batch),
+                                     which="LA", tol=1e-2,
+                                     generator=torch.Generator().manual_seed(args.seed))
+            return Row(est.value, math.nan, est.num_matvecs)
+
+        cases = [c for c in pyhessian_cases(model, batch, args) if c[0] == "eig"]
+        cases += [("eig", "graddyn lanczos cold (tol 1e-2)", cold),
+                  ("eig", "graddyn lanczos warm (tol 1e-2)", warm(1e-2)),
+                  ("eig", "graddyn lanczos warm (tol 1e-3)", warm(1e-3))]
+        print(f"  -- after {step} training steps: lambda_max ref {ref.value:.6g}")
+        report(run_rounds(cases, args.repeats, sync), {"eig": ref.value})
+        prev = ref.vector
 
 
 def report(results: dict[str, tuple[str, Timing, Row]], refs: dict[str, float]) -> None:
@@ -319,6 +374,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--all-modes", action="store_true",
                     help="also time graddyn's Hutchinson in each operator mode")
+    ap.add_argument("--track", type=int, default=0,
+                    help="also track the top eigenvalue at this many points during training")
+    ap.add_argument("--track-every", type=int, default=10, help="SGD steps between points")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()

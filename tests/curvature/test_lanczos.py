@@ -58,11 +58,32 @@ def test_on_hessian_operator_matches_dense_spectrum():
     assert top.value == pytest.approx(exact.abs().max().item(), rel=1e-8)
 
 
+def test_warm_start_near_the_eigenvector_needs_fewer_matvecs():
+    """Tracking: the top eigenvector of a slightly perturbed matrix starts the next run."""
+    torch.manual_seed(0)
+    vals = torch.cat([torch.tensor([10.0, 7.0, 6.0]), torch.linspace(-1, 1, 197)]).double()
+    A = spectrum_matrix(vals)
+    before = lanczos_eigenvalue(A, tol=1e-10, generator=gen())
+    E = torch.randn(200, 200, dtype=torch.float64)
+    B = A + 0.02 * (E + E.T) / 2  # "a few training steps later"
+    want = torch.linalg.eigvalsh(B)[-1].item()
+    cold = lanczos_eigenvalue(B, tol=1e-6, generator=gen(1))
+    warm = lanczos_eigenvalue(B, tol=1e-6, start=before.vector)
+    assert warm.value == pytest.approx(want, rel=1e-6) and cold.value == pytest.approx(want,
+                                                                                      rel=1e-6)
+    assert warm.num_matvecs < cold.num_matvecs
+    exact = lanczos_eigenvalue(B, tol=1e-6, start=torch.linalg.eigh(B)[1][:, -1])
+    assert exact.num_matvecs == 1 and exact.value == pytest.approx(want, rel=1e-12)
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"which": "BE"}, "which must be one of"),
     ({"tol": 0.0}, "tol must be > 0"),
     ({"max_steps": 0}, "max_steps must be >= 1"),
-], ids=["which", "tol", "max_steps"])
+    ({"start": torch.ones(4)}, "start must be a tensor of 3 numbers"),
+    ({"start": torch.zeros(3)}, "finite nonzero vector"),
+    ({"start": torch.tensor([1.0, float("nan"), 0.0])}, "finite nonzero vector"),
+], ids=["which", "tol", "max_steps", "start-shape", "start-zero", "start-nan"])
 def test_lanczos_eigenvalue_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         lanczos_eigenvalue(torch.eye(3), **kw)

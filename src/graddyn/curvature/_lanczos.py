@@ -10,6 +10,7 @@ eigenvalue error is below ``tol``.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,7 +96,8 @@ class EigenEstimate:
 
 def lanczos_eigenvalue(A: Tensor | Operator | MatMat, *, which: str = "LA", tol: float = 1e-3,
                        max_steps: int = 100, dim: int | None = None,
-                       generator: torch.Generator | None = None) -> EigenEstimate:
+                       generator: torch.Generator | None = None,
+                       start: Tensor | None = None) -> EigenEstimate:
     """The largest (``"LA"``), smallest (``"SA"``) or largest-magnitude (``"LM"``) eigenvalue of
     a symmetric ``A`` by Lanczos, stopping as soon as its estimated relative error is ``<= tol``.
 
@@ -115,7 +117,12 @@ def lanczos_eigenvalue(A: Tensor | Operator | MatMat, *, which: str = "LA", tol:
         A: a ``(P, P)`` tensor, an operator (``HessianOperator``), or a callable mat-mat
             with ``dim=P``.
         tol: relative tolerance on the eigenvalue (not on the residual, as ARPACK's).
-        generator: draws the Gaussian start vector.
+        generator: draws the Gaussian start vector (when no ``start`` is given).
+        start: the start vector ``(P,)`` instead of a random one, e.g. the ``vector`` of an
+            earlier estimate when tracking the top eigenvalue over training: a few steps
+            after it, it is close to the new top eigenvector, and Lanczos needs fewer
+            mat-vecs (on the MLP of ``benchmarks/curvature.py``, 10 SGD steps later: 3-4
+            instead of 5-6 for a 1e-3 error; see ``docs/benchmarks_curvature.md``).
 
     Example:
         >>> A = torch.diag(torch.tensor([4.0, -5.0, 1.0, 2.0]))
@@ -129,7 +136,10 @@ def lanczos_eigenvalue(A: Tensor | Operator | MatMat, *, which: str = "LA", tol:
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     op = as_square(A, dim)
-    v0 = torch.randn(op.dim, generator=generator).to(dtype=op.dtype, device=op.device)
+    if start is None:
+        v0 = torch.randn(op.dim, generator=generator).to(dtype=op.dtype, device=op.device)
+    else:
+        v0 = _start_vector(start, op.dim).to(dtype=op.dtype, device=op.device)
     for alpha, beta, Q in lanczos_steps(op.matmat, v0, min(max_steps, op.dim)):
         value, err, s = _ritz(alpha, beta, which)
         done = err <= tol * abs(value) or beta[-1] == 0
@@ -137,6 +147,19 @@ def lanczos_eigenvalue(A: Tensor | Operator | MatMat, *, which: str = "LA", tol:
             vector = s.to(Q.dtype) @ Q[: len(alpha)]  # (P,)
             return EigenEstimate(value, err, vector, len(alpha), done)
     raise AssertionError("unreachable: lanczos_steps yields at least once")
+
+
+def _start_vector(start: Tensor, dim: int) -> Tensor:
+    if not isinstance(start, Tensor) or start.reshape(-1).shape != (dim,):
+        shape = tuple(start.shape) if isinstance(start, Tensor) else type(start).__name__
+        raise ValueError(f"start must be a tensor of {dim} numbers (the operator's size), got "
+                         f"{shape}")
+    v0 = start.detach().reshape(-1)
+    norm = float(v0.norm())
+    if not math.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"start must be a finite nonzero vector, its norm is {norm}; pass "
+                         "start=None for a random one")
+    return v0
 
 
 def _ritz(alpha: list[float], beta: list[float], which: str) -> tuple[float, float, Tensor]:
