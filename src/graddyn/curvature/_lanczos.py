@@ -121,8 +121,12 @@ def lanczos_eigenvalue(A: Tensor | Operator | MatMat, *, which: str = "LA", tol:
         start: the start vector ``(P,)`` instead of a random one, e.g. the ``vector`` of an
             earlier estimate when tracking the top eigenvalue over training: a few steps
             after it, it is close to the new top eigenvector, and Lanczos needs fewer
-            mat-vecs (on the MLP of ``benchmarks/curvature.py``, 10 SGD steps later: 3-4
-            instead of 5-6 for a 1e-3 error; see ``docs/benchmarks_curvature.md``).
+            mat-vecs (on the MLP of ``benchmarks/curvature.py``, 10 SGD steps later: 2-4
+            instead of 4-6 at tol 1e-3; see ``docs/benchmarks_curvature.md``). Caution: if
+            the top two eigenvalues swapped since, a start close to the old top eigenvector
+            is close to an eigenvector of the new second one, and Lanczos can stop there with
+            a small residual (seen once in three points on the MNIST CNN: 3.8 % low); run
+            cold now and then to catch that.
 
     Example:
         >>> A = torch.diag(torch.tensor([4.0, -5.0, 1.0, 2.0]))
