@@ -94,3 +94,15 @@ def test_rearm_needs_the_open_block():
         cap.rearm()
     with pytest.raises(CaptureError, match="entered once"):
         cap.__enter__()
+
+
+def test_rearm_follows_a_module_rewrapped_with_the_same_parameters():
+    model = _mlp()
+    x, y = _batch(0)
+    with graddyn.capture(model) as cap:
+        assert "2.weight" in cap.backward(_ce(model(x), y)).names
+        model[2] = nn.Sequential(model[2])  # same parameter objects, new qualified names
+        cap.rearm()
+        grads = cap.backward(_ce(model(x), y))
+        assert "2.0.weight" in grads.names and "2.weight" not in grads.names
+        _assert_matches_loop(model, grads, x, y)

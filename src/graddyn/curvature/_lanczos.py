@@ -121,8 +121,9 @@ def lanczos_eigenvalue(A: Tensor | Operator | MatMat, *, which: str = "LA", tol:
         start: the start vector ``(P,)`` instead of a random one, e.g. the ``vector`` of an
             earlier estimate when tracking the top eigenvalue over training: a few steps
             after it, it is close to the new top eigenvector, and Lanczos needs fewer
-            mat-vecs (on the MLP of ``benchmarks/curvature.py``, 10 SGD steps later: 2-4
-            instead of 4-6 at tol 1e-3; see ``docs/benchmarks_curvature.md``). Caution: if
+            mat-vecs (on the MLP of ``benchmarks/curvature.py``, 10 SGD steps later: 2-4 at
+            tol 1e-3, where a random start needs 5 or more for a 1e-3 error; see
+            ``docs/benchmarks_curvature.md``). Caution: if
             the top two eigenvalues swapped since, a start close to the old top eigenvector
             is close to an eigenvector of the new second one, and Lanczos can stop there with
             a small residual (seen once in three points on the MNIST CNN: 3.8 % low); run

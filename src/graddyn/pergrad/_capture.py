@@ -50,9 +50,11 @@ class _Planned(NamedTuple):
     serves: frozenset[int]  # their ids
 
 
-def _param_signature(model: nn.Module) -> list[tuple[int, bool]]:
-    """What a capture's layout depends on: which parameter objects, and which train."""
-    return [(id(p), p.requires_grad) for p in model.parameters()]
+def _param_signature(model: nn.Module) -> list[tuple[int, tuple[tuple[int, bool], ...]]]:
+    """What a capture's layout depends on, in one walk of the tree: which modules, which
+    parameter objects they own, and which of those train."""
+    return [(id(m), tuple((id(p), p.requires_grad) for p in m._parameters.values()
+                          if p is not None)) for m in model.modules()]
 
 
 class Capture:
@@ -111,10 +113,10 @@ class Capture:
     def rearm(self) -> None:
         """Ready the capture for another forward pass, inside its ``with`` block, after
         ``backward()``: the hooks stay installed (a training loop pays for them once).
-        If the model's parameters changed since (replaced, added, ``requires_grad``
-        flipped), the module tree is walked and hooked again. Between ``backward()`` and
-        ``rearm()`` nothing is recorded, so other forward passes (evaluation, another
-        capture of the same model) may run in between."""
+        If the model changed since (a module or parameter replaced or added,
+        ``requires_grad`` flipped), the module tree is walked and hooked again. Between
+        ``backward()`` and ``rearm()`` nothing is recorded, so other forward passes
+        (evaluation, another capture of the same model) may run in between."""
         if not self._handles:
             raise CaptureError("rearm() works inside the capture's with block (it keeps the "
                                "hooks installed); open a `with graddyn.capture(model)` first.")
