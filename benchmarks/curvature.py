@@ -327,25 +327,19 @@ def track(model: nn.Module, x: Tensor, y: Tensor, batch: tuple[Tensor, Tensor],
         model.zero_grad(set_to_none=True)
         ref = lanczos_eigenvalue(HessianOperator(model, F.cross_entropy, batch), which="LA",
                                  tol=1e-10, generator=gen)
-        start = prev
 
-        def warm(tol: float, start: Tensor = start) -> Callable[[], Row]:
-            def run() -> Row:
+        def lanczos(tol: float, start: Tensor | None) -> Callable[[], Row]:
+            def run() -> Row:  # a cold start draws from a fixed seed, as the one-shot rows
                 est = lanczos_eigenvalue(HessianOperator(model, F.cross_entropy, batch),
-                                         which="LA", tol=tol, start=start)
+                                         which="LA", tol=tol, start=start,
+                                         generator=torch.Generator().manual_seed(args.seed))
                 return Row(est.value, math.nan, est.num_matvecs)
             return run
 
-        def cold() -> Row:
-            est = lanczos_eigenvalue(HessianOperator(model, F.cross_entropy, batch),
-                                     which="LA", tol=1e-2,
-                                     generator=torch.Generator().manual_seed(args.seed))
-            return Row(est.value, math.nan, est.num_matvecs)
-
         cases = [c for c in pyhessian_cases(model, batch, args) if c[0] == "eig"]
-        cases += [("eig", "graddyn lanczos cold (tol 1e-2)", cold),
-                  ("eig", "graddyn lanczos warm (tol 1e-2)", warm(1e-2)),
-                  ("eig", "graddyn lanczos warm (tol 1e-3)", warm(1e-3))]
+        cases += [("eig", "graddyn lanczos cold (tol 1e-2)", lanczos(1e-2, None)),
+                  ("eig", "graddyn lanczos warm (tol 1e-2)", lanczos(1e-2, prev)),
+                  ("eig", "graddyn lanczos warm (tol 1e-3)", lanczos(1e-3, prev))]
         print(f"  -- after {step} training steps: lambda_max ref {ref.value:.6g}")
         report(run_rounds(cases, args.repeats, sync), {"eig": ref.value})
         prev = ref.vector

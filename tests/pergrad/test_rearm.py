@@ -61,8 +61,9 @@ def test_nothing_is_recorded_between_backward_and_rearm():
         with graddyn.capture(model) as other:  # e.g. a probe measured between steps
             probe = other.backward(_ce(model(x[:3]), y[:3]))
         assert probe.gram().shape == (3, 3)
+        assert not cap._calls  # the probe's forward was not recorded here (nor held)
         with pytest.raises(CaptureError, match="already called"):
-            cap.backward(_ce(model(x), y))  # the forward above was not recorded
+            cap.backward(_ce(model(x), y))
         cap.rearm()
         x2, y2 = _batch(1)
         _assert_matches_loop(model, cap.backward(_ce(model(x2), y2)), x2, y2)
