@@ -12,7 +12,20 @@ from graddyn.instruments import confusion as C
 from graddyn.instruments import stiffness as S
 
 jit = pair_kernels()
-needs_jit = pytest.mark.skipif(jit is None, reason="numba not available")
+try:
+    import numba  # noqa: F401
+
+    HAVE_NUMBA = True
+except ImportError:
+    HAVE_NUMBA = False
+needs_jit = pytest.mark.skipif(not HAVE_NUMBA, reason="numba not available")
+
+
+@needs_jit
+def test_kernels_compile_where_numba_is_installed() -> None:
+    """With numba present, a kernel that fails to compile must fail here (pair_kernels()
+    would otherwise warn and fall back to NumPy, and the tests below would test nothing)."""
+    assert jit is not None
 
 
 def grams(seed: int, b: int = 9, layers: int = 3, zero_rows: tuple[int, ...] = (),
@@ -109,3 +122,73 @@ def test_confusion_numbers_match_numpy(num_bins: int, monkeypatch: pytest.Monkey
 def test_switch_off_gives_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_gram, "KERNELS_ENABLED", False)
     assert pair_kernels() is None
+
+
+def _confusion_reference(inner: np.ndarray, cos: np.ndarray, quantiles: tuple, nb: int):
+    """The NumPy path of ``confusion_stats`` (full sort), as (numbers, histogram)."""
+    s = np.sort(cos)
+    numbers = [float(inner.min()), float(s[0]), float(s.mean()),
+               *C._quantiles_sorted(s, quantiles)]
+    return np.array(numbers), C._histogram_sorted(s, nb).numpy()
+
+
+def _cosine_cases() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    edges = -1.0 + 2.0 * np.arange(0, 21) / 20  # every bin edge itself, for 20 bins
+    return [
+        ("one", np.array([0.3])),
+        ("two", np.array([0.5, -0.5])),
+        ("uniform", rng.uniform(-1, 1, 4950)),
+        ("narrow", 1e-3 * rng.standard_normal(4950)),  # most values in one or two bins
+        ("ties", np.round(rng.uniform(-1, 1, 999), 1)),  # many equal values
+        ("constant", np.full(50, 0.25)),
+        ("edges", np.concatenate([edges, edges, rng.uniform(-1, 1, 40)])),
+        ("outside", rng.uniform(-3, 3, 301)),  # below -1: first bin, above 1: last
+        ("subnormal range", np.array([0.0, 5e-324, 1e-323, 0.0, 5e-324])),
+        ("infinite", np.array([-np.inf, 0.2, np.inf, -0.7, 0.1])),
+        ("nan", np.array([0.1, np.nan, -0.4, 0.9, np.nan, 0.0])),
+    ]
+
+
+@needs_jit
+@pytest.mark.parametrize("num_bins", [1, 7, 20])
+@pytest.mark.parametrize("name,cos", _cosine_cases(), ids=[n for n, _ in _cosine_cases()])
+def test_confusion_order_statistics_are_exact(name: str, cos: np.ndarray,
+                                              num_bins: int) -> None:
+    """The O(n) kernel (no sort) picks the same order statistics as a full sort: quantiles,
+    minimum and histogram equal bit for bit; the mean to rounding (another summation order)."""
+    quantiles = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+    inner = np.random.default_rng(1).standard_normal(cos.size)
+    got, hist = jit.confusion_numbers(inner, cos, np.asarray(quantiles), num_bins)
+    want, want_hist = _confusion_reference(inner, cos, quantiles, num_bins)
+    np.testing.assert_array_equal(hist, want_hist)
+    np.testing.assert_array_equal(got[[0, 1]], want[[0, 1]])
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(got[3:], want[3:])  # NaN where the reference has NaN
+
+
+@needs_jit
+def test_upper_pairs_match_take() -> None:
+    g64, c64 = pairs_from_grams(grams(3, b=11))
+    flat = _gram.upper_flat(11)
+    gu, cu = jit.upper_pairs(g64, c64)
+    np.testing.assert_array_equal(gu, np.take(g64, flat))
+    np.testing.assert_array_equal(cu, np.take(c64, flat))
+
+
+@needs_jit
+def test_stiffness_kernel_flags_bad_labels_and_keeps_nan() -> None:
+    g64, c64 = pairs_from_grams(grams(4, b=5))
+    assert jit.stiffness_sums(g64, c64, np.array([0, 1, 2, 1, 3]), 3).shape == (0, 3, 3)
+    assert jit.stiffness_sums(g64, c64, np.array([0, 1, -1, 1, 0]), 3).shape == (0, 3, 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        S.stiffness_sums(torch.from_numpy(g64.copy()), torch.tensor([0, 1, 2, 1, 3]), 3)
+    g = g64.copy()
+    g[0, 1] = g[1, 0] = np.nan
+    y = np.array([0, 1, 1, 0, 2])
+    got = jit.stiffness_sums(g, c64, y, 3)
+    nan = np.zeros_like(got, dtype=bool)
+    nan[1, 0, 1] = nan[1, 1, 0] = True  # sign(NaN) only in its own class pair (the NumPy
+    np.testing.assert_array_equal(np.isnan(got), nan)  # reference's matmul spreads it)
+    want = S._sums_numpy(g64, c64, y, 3)
+    np.testing.assert_allclose(got[~nan], want[~nan], rtol=1e-12, atol=1e-12)

@@ -81,14 +81,16 @@ def confusion_stats(
 ) -> dict[str, Any]:
     """eta, min/mean cosine, quantiles ``cos_q{100q:g}`` and ``cos_hist`` from pair values
     (computed on the host in float64, from one sort; compiled where numba is available)."""
-    inner, s = host64(inner), np.sort(host64(cos))
+    inner, cos = host64(inner), host64(cos)
     jit = pair_kernels()
-    if jit is not None and s.size and num_bins >= 1:
-        numbers, hist = jit.confusion_numbers(inner, s, np.asarray(quantiles, np.float64),
+    if jit is not None and cos.size and num_bins >= 1:  # no sort: O(n) order statistics
+        numbers, hist = jit.confusion_numbers(inner, cos, np.asarray(quantiles, np.float64),
                                               num_bins)
         min_inner, min_cos, mean_cos, *qs = numbers.tolist()
         counts = torch.from_numpy(hist)
+        s = cos
     else:
+        s = np.sort(cos)
         min_inner, min_cos, mean_cos = float(inner.min()), float(s[0]), float(s.mean())
         qs = _quantiles_sorted(s, quantiles)
         counts = _histogram_sorted(s, num_bins)
@@ -168,9 +170,14 @@ class Confusion(Instrument):
         gram, cos = host_pairs(require_grads(probe, "Confusion"))  # (B, B) float64
         if gram.shape[0] < 2:
             raise ValueError(f"need a square Gram of at least 2 gradients, got {gram.shape}")
-        flat = upper_flat(gram.shape[0])  # (B(B-1)/2,) positions i B + j, i < j
-        self._inner.append(np.take(gram, flat))
-        self._cos.append(np.take(cos, flat))
+        jit = pair_kernels()
+        if jit is not None:  # one call for both (B(B-1)/2,) arrays of the pairs i < j
+            inner, cosines = jit.upper_pairs(gram, cos)
+        else:
+            flat = upper_flat(gram.shape[0])  # positions i B + j, i < j
+            inner, cosines = np.take(gram, flat), np.take(cos, flat)
+        self._inner.append(inner)
+        self._cos.append(cosines)
 
     def compute(self) -> dict[str, Any]:
         if not self._cos:

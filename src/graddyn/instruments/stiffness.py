@@ -55,13 +55,17 @@ def _sums(gram: Tensor | np.ndarray, labels: Tensor, num_classes: int,
     y = labels.detach().cpu().numpy().astype(np.int64, copy=False)
     if b < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
-    if y.max() >= num_classes or y.min() < 0:
-        raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
+    bad = f"labels must lie in [0, {num_classes}); pass num_classes=K"
     g = host64(gram)
     cos = cosine_matrix_np(g) if cosines is None else host64(cosines)
     jit = pair_kernels()
     if jit is not None:
-        return jit.stiffness_sums(g, cos, y, num_classes)
+        sums = jit.stiffness_sums(g, cos, y, num_classes)  # checks the labels too
+        if not len(sums):
+            raise ValueError(bad)
+        return sums
+    if y.max() >= num_classes or y.min() < 0:
+        raise ValueError(bad)
     return _sums_numpy(g, cos, y, num_classes)
 
 
