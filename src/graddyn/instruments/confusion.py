@@ -23,6 +23,7 @@ are exact.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -75,6 +76,12 @@ def _quantiles_sorted(s: np.ndarray, quantiles: Sequence[float]) -> list[float]:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _quantile_keys(quantiles: tuple[float, ...]) -> tuple[str, ...]:
+    """Result keys ``cos_q{100 q:g}`` (formatted once: this runs every measured step)."""
+    return tuple(f"cos_q{100 * q:g}" for q in quantiles)
+
+
 def confusion_stats(
     inner: Tensor | np.ndarray, cos: Tensor | np.ndarray,
     quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS,
@@ -100,7 +107,7 @@ def confusion_stats(
         "min_cosine": min_cos,
         "mean_cosine": mean_cos,
     }
-    out.update({f"cos_q{100 * q:g}": v for q, v in zip(quantiles, qs)})
+    out.update(zip(_quantile_keys(tuple(quantiles)), qs))
     out["cos_hist"] = counts
     out["num_pairs"] = s.size
     return out

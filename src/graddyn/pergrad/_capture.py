@@ -50,11 +50,17 @@ class _Planned(NamedTuple):
     serves: frozenset[int]  # their ids
 
 
-def _param_signature(model: nn.Module) -> list[tuple[int, tuple[tuple[int, bool], ...]]]:
-    """What a capture's layout depends on, in one walk of the tree: which modules, which
-    parameter objects they own, and which of those train."""
-    return [(id(m), tuple((id(p), p.requires_grad) for p in m._parameters.values()
-                          if p is not None)) for m in model.modules()]
+_functorch_level = torch._C._functorch.maybe_current_level  # None outside torch.func
+
+
+def _param_signature(modules: list[nn.Module]) -> list[tuple]:
+    """What a capture's layout depends on, read from the modules found at the last walk of
+    the tree (no new walk: a step pays ~1 us per module): each one's children (a replaced
+    or added submodule changes its parent's), its parameter objects, and which of those
+    train."""
+    return [(tuple(map(id, m._modules.values())),
+             tuple((id(p), p.requires_grad) for p in m._parameters.values() if p is not None))
+            for m in modules]
 
 
 class Capture:
@@ -85,7 +91,8 @@ class Capture:
         self._strategy = resolve_strategy(self._strategy_arg, self._names.values())
         self._qual = {id(m): k for k, m in self._modules}
         self._by_id = {id(p): p for _, p in named}
-        self._signature = _param_signature(model)
+        self._tree = [m for _, m in self._modules]
+        self._signature = _param_signature(self._tree)
         # modules owning captured parameters directly: id -> (module, {attr: param})
         self._owners: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
         for _, m in self._modules:
@@ -120,7 +127,7 @@ class Capture:
         if not self._handles:
             raise CaptureError("rearm() works inside the capture's with block (it keeps the "
                                "hooks installed); open a `with graddyn.capture(model)` first.")
-        if _param_signature(self.model) != self._signature:
+        if _param_signature(self._tree) != self._signature:
             self._uninstall()
             self._layout()
             self._install()
@@ -165,17 +172,27 @@ class Capture:
             raise CaptureError(batchnorm_message(type(m).__name__, self._qual.get(id(m), "?")))
 
     def _root_hook(self, m: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._recording and torch._C._functorch.maybe_current_level() is None:
-            plain = not kwargs and all(isinstance(a, Tensor) for a in args)  # model(x): no walk
-            for t in args if plain else tree_flatten((args, kwargs))[0]:
+        if self._recording and _functorch_level() is None:
+            if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # model(x)
+                self._batch_ptrs.add(storage_ptr(args[0]))
+                return
+            for t in tree_flatten((args, kwargs))[0]:
                 if isinstance(t, Tensor):
                     self._batch_ptrs.add(storage_ptr(t))
 
     def _hook(self, m: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        if not self._recording or torch._C._functorch.maybe_current_level() is not None:
+        if not self._recording or _functorch_level() is not None:
             return  # inside a torch.func transform or our own fallback: not a captured call
+        if (not kwargs and len(args) == 1 and isinstance(output, Tensor)
+                and isinstance(args[0], Tensor)):  # fast path: one tensor in, one out
+            if not output.requires_grad:
+                return
+            x = args[0]
+            self._calls.setdefault(id(m), []).append(
+                _Call((x.detach(),), {}, [output], [0], [x], [output._version, x._version]))
+            return
         if isinstance(output, Tensor) and not kwargs and all(isinstance(a, Tensor) for a in args):
-            if not output.requires_grad:  # fast path: one tensor in, one out (most layers)
+            if not output.requires_grad:
                 return
             outs, pos = [output], [0]
             ins, detach = list(args), (tuple(a.detach() for a in args), {})
@@ -298,9 +315,13 @@ class Capture:
         """Keep modules whose every call has batch dimension b; a module also called on
         unbatched inputs (e.g. positional embeddings on arange(T)) shares its output across
         examples, so its parameters are served by the fallback of a batched ancestor."""
+        def batched(c: _Call) -> bool:
+            return c.outputs[0].ndim > 0 and c.outputs[0].shape[0] == b
+
+        if all(batched(c) for cs in self._calls.values() for c in cs):
+            return  # the usual case: nothing to drop
         shapes = [tuple(c.outputs[0].shape) for cs in self._calls.values() for c in cs]
-        self._calls = {i: cs for i, cs in self._calls.items()
-                       if all(c.outputs[0].ndim > 0 and c.outputs[0].shape[0] == b for c in cs)}
+        self._calls = {i: cs for i, cs in self._calls.items() if all(map(batched, cs))}
         if not self._calls:
             raise CaptureError(
                 f"losses has batch size {b} but no captured module output has batch size {b} "
@@ -362,9 +383,9 @@ class Capture:
             gs = [g.movedim(0, 1).reshape(n, *g.shape[2:]) for g in gs]
             c = _Call(*tree_map(lambda t: _repeat(t, k, n // k), (c.args, c.kwargs)),
                       c.outputs, c.out_pos, c.ins, c.versions)
-        if kind == "rule":
+        if kind == "rule":  # a rule serves the module's own parameters (``_parameters``)
             for attr, f in RULES[type(m)](m, c.args, gs[0], wanted):
-                pg = pgs[id(getattr(m, attr))]
+                pg = pgs[id(m._parameters[attr])]
                 pg.add_dense(f) if isinstance(f, Tensor) else pg.add_outer(f)
             return
         from ._fallback import fallback_grads
