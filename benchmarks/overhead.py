@@ -17,9 +17,14 @@ with process CPU time beside it: on a shared machine the CPU-time ratio is the s
 ``--profile`` prints where ``reused`` and ``probe`` spend their time (cProfile, cumulative
 seconds of selected functions).
 
+``--chunk 20`` lets the modes take turns every 20 steps inside each repeat, so that all
+three see the same drift of a shared machine's speed (the steadier protocol here); the
+ratio of each repeat is printed too.
+
 Usage::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/overhead.py --steps 200 --repeats 5
+    .venv/bin/python benchmarks/overhead.py --steps 400 --repeats 5 --chunk 20
 """
 
 from __future__ import annotations
@@ -84,6 +89,22 @@ def time_mode(mode: str, splits, steps: int) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
+def time_interleaved(splits, steps: int, chunk: int) -> dict[str, float]:
+    """Wall seconds of ``steps`` steps per mode, the modes taking turns every ``chunk``
+    steps (one trainer each, 2-step warm-up): a shared VM's speed drifts over seconds
+    (10-15 % over a day here), and turns of ~0.1 s put every mode through the same drift."""
+    trainers = {mode: make_trainer(mode, splits) for mode in MODES}
+    for trainer in trainers.values():
+        trainer.fit(2)
+    spent = dict.fromkeys(MODES, 0.0)
+    for done in range(0, steps, chunk):
+        for mode, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.fit(2 + min(done + chunk, steps))
+            spent[mode] += time.perf_counter() - start
+    return spent
+
+
 def profile_mode(mode: str, splits, steps: int) -> dict[str, float]:
     """Cumulative seconds per ``PROFILED`` entry over ``steps`` steps of ``mode``."""
     trainer = make_trainer(mode, splits)
@@ -103,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="interleave the modes every CHUNK steps inside each repeat (e.g. 20); "
+                        "0: each repeat runs the modes one after another")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args(argv)
     if args.threads:
@@ -111,11 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {m: [] for m in MODES}
     cpu: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(args.repeats):
+        if args.chunk > 0:
+            for mode, wall in time_interleaved(splits, args.steps, args.chunk).items():
+                times[mode].append(wall)
+            continue
         for mode in MODES:
             wall, used = time_mode(mode, splits, args.steps)
             times[mode].append(wall)
             cpu[mode].append(used)
-    print(f"MLP 784-2048-10, batch 100, {args.steps} steps, {args.repeats} repeats, "
+    how = f"modes in turns of {args.chunk} steps" if args.chunk > 0 else "modes in sequence"
+    print(f"MLP 784-2048-10, batch 100, {args.steps} steps, {args.repeats} repeats ({how}), "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     _table(times, cpu, args.steps)
     if args.profile:
@@ -126,13 +155,19 @@ def _table(times: dict[str, list[float]], cpu: dict[str, list[float]], steps: in
     """Wall time (median, min) and process CPU time (min) per mode, with ratios to plain;
     the CPU-time ratio is the steadier one on a shared machine."""
     base, base_min = statistics.median(times["plain"]), min(times["plain"])
-    base_cpu = min(cpu["plain"])
+    has_cpu = all(cpu.values())  # not measured per mode when the modes take turns
     print(f"{'mode':<8} {'median s':>9} {'min s':>7} {'ms/step':>8} {'ratio':>6} "
-          f"{'ratio (min)':>11} {'CPU s':>6} {'ratio (CPU)':>11}")
+          f"{'ratio (min)':>11}" + (f" {'CPU s':>6} {'ratio (CPU)':>11}" if has_cpu else "")
+          + f"  {'ratio per repeat':>s}")
     for mode in MODES:
-        med, low, used = statistics.median(times[mode]), min(times[mode]), min(cpu[mode])
-        print(f"{mode:<8} {med:9.2f} {low:7.2f} {1e3 * low / steps:8.1f} {med / base:6.2f} "
-              f"{low / base_min:11.2f} {used:6.2f} {used / base_cpu:11.2f}")
+        med, low = statistics.median(times[mode]), min(times[mode])
+        line = (f"{mode:<8} {med:9.2f} {low:7.2f} {1e3 * low / steps:8.1f} {med / base:6.2f} "
+                f"{low / base_min:11.2f}")
+        if has_cpu:
+            used, base_cpu = min(cpu[mode]), min(cpu["plain"])
+            line += f" {used:6.2f} {used / base_cpu:11.2f}"
+        per = " ".join(f"{t / b:.3f}" for t, b in zip(times[mode], times["plain"]))
+        print(f"{line}  {per}")
 
 
 def _profile_table(profiles: dict[str, dict[str, float]]) -> None:
