@@ -88,16 +88,14 @@ def confusion_stats(
 ) -> dict[str, Any]:
     """eta, min/mean cosine, quantiles ``cos_q{100q:g}`` and ``cos_hist`` from pair values
     (computed on the host in float64, from one sort; compiled where numba is available)."""
-    inner, cos = host64(inner), host64(cos)
+    inner, s = host64(inner), np.sort(host64(cos))
     jit = pair_kernels()
-    if jit is not None and cos.size and num_bins >= 1:  # no sort: O(n) order statistics
-        numbers, hist = jit.confusion_numbers(inner, cos, np.asarray(quantiles, np.float64),
+    if jit is not None and s.size and num_bins >= 1:
+        numbers, hist = jit.confusion_numbers(inner, s, np.asarray(quantiles, np.float64),
                                               num_bins)
         min_inner, min_cos, mean_cos, *qs = numbers.tolist()
         counts = torch.from_numpy(hist)
-        s = cos
     else:
-        s = np.sort(cos)
         min_inner, min_cos, mean_cos = float(inner.min()), float(s[0]), float(s.mean())
         qs = _quantiles_sorted(s, quantiles)
         counts = _histogram_sorted(s, num_bins)
