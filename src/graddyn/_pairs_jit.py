@@ -57,8 +57,9 @@ def stiffness_sums(g, c, y, k):
     sign(G_ij), and the pair count (as ``graddyn.instruments.stiffness.stiffness_sums``);
     (0, K, K) if a label lies outside [0, K) (the caller raises). The Gram and the cosines
     are symmetric, so each unordered pair is visited once. The sign is computed without a
-    branch: on fresh data every step a branch on it mispredicts about half the time
-    (measured 44 us vs 11 us on the same B = 100 Gram)."""
+    branch: on a new Gram every step a branch on it mispredicts about half the time (the
+    branching version took 44 us on a fresh B = 100 Gram each call, 11 us on a repeated one;
+    this one 11 us on both)."""
     b = g.shape[0]
     n = np.zeros(k)  # examples per class
     for i in range(b):

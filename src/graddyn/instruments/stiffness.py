@@ -55,18 +55,16 @@ def _sums(gram: Tensor | np.ndarray, labels: Tensor, num_classes: int,
     y = labels.detach().cpu().numpy().astype(np.int64, copy=False)
     if b < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
-    bad = f"labels must lie in [0, {num_classes}); pass num_classes=K"
     g = host64(gram)
     cos = cosine_matrix_np(g) if cosines is None else host64(cosines)
     jit = pair_kernels()
     if jit is not None:
-        sums = jit.stiffness_sums(g, cos, y, num_classes)  # checks the labels too
-        if not len(sums):
-            raise ValueError(bad)
-        return sums
-    if y.max() >= num_classes or y.min() < 0:
-        raise ValueError(bad)
-    return _sums_numpy(g, cos, y, num_classes)
+        sums = jit.stiffness_sums(g, cos, y, num_classes)  # empty if a label is out of range
+        if len(sums):
+            return sums
+    elif y.min() >= 0 and y.max() < num_classes:
+        return _sums_numpy(g, cos, y, num_classes)
+    raise ValueError(f"labels must lie in [0, {num_classes}); pass num_classes=K")
 
 
 def _sums_numpy(g: np.ndarray, cos: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
