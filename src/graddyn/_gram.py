@@ -94,20 +94,15 @@ def pairs_from_gram(gram: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return pairs_from_grams([gram])
 
 
-def pairs_from_grams(grams: list[Tensor] | Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer (B, B) Grams (a list, or stacked (L, B, B)) -> read-only float64 (their sum,
-    its cosine matrix) on the host; the sum is taken in float64 and made exactly symmetric
-    ((G + G^T) / 2)."""
-    if isinstance(grams, Tensor):  # already stacked: one transfer, no copy
-        if grams.dim() != 3 or grams.shape[1] != grams.shape[2] or not len(grams):
-            raise ValueError(f"need stacked (L, B, B) Grams, got {tuple(grams.shape)}")
-        stack = grams.detach().cpu().numpy()
-    else:
-        if not grams or any(g.dim() != 2 or g.shape != grams[0].shape
-                            or g.shape[0] != g.shape[1] for g in grams):
-            raise ValueError(f"need square (B, B) Grams of one shape, got "
-                             f"{[tuple(g.shape) for g in grams]}")
-        stack = np.stack([g.detach().cpu().numpy() for g in grams])  # (L, B, B)
+def pairs_from_grams(grams: list[Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer (B, B) Grams -> read-only float64 (their sum, its cosine matrix) on the host;
+    the sum is taken in float64 and made exactly symmetric ((G + G^T) / 2)."""
+    if not grams or any(g.dim() != 2 or g.shape != grams[0].shape or g.shape[0] != g.shape[1]
+                        for g in grams):
+        raise ValueError(f"need square (B, B) Grams of one shape, got "
+                         f"{[tuple(g.shape) for g in grams]}")
+    stack = np.stack([g.detach().cpu().numpy() for g in grams])  # (L, B, B); a little
+    # cheaper than torch.stack (21 vs 26 us per call in a profile of the measured step)
     jit = pair_kernels()
     if jit is not None and stack.dtype in (np.float32, np.float64):
         g, c = jit.gram_and_cosines(stack)

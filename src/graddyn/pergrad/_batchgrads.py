@@ -42,7 +42,6 @@ class BatchGrads:
         self._params = {pg.name: pg for pg in params}
         self.batch_shape = tuple(batch_shape)
         self._grams: dict[str, Tensor] | None = None  # name -> (N, N) flat, computed once
-        self._gram_stack: Tensor | None = None  # (L, N, N): the same Grams, when stackable
         self._gram_total: Tensor | None = None
         self._host: tuple[np.ndarray, np.ndarray] | None = None  # Gram, cosines (NumPy)
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
@@ -77,7 +76,7 @@ class BatchGrads:
     def _layer_grams(self) -> dict[str, Tensor]:
         """name -> (N, N) per-layer Gram, computed on first use and kept (read-only)."""
         if self._grams is None:
-            self._grams, self._gram_stack = self_grams(self._params)
+            self._grams = self_grams(self._params)
         return self._grams
 
     def gram(self, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
@@ -101,9 +100,7 @@ class BatchGrads:
         if len(self.batch_shape) > 1:
             raise ValueError("host_pairs() is defined for mode='loss' only.")
         if self._host is None:
-            grams = self._layer_grams()
-            stack = self._gram_stack
-            self._host = pairs_from_grams(list(grams.values()) if stack is None else stack)
+            self._host = pairs_from_grams(list(self._layer_grams().values()))
         return self._host
 
     def ntk(self) -> Tensor:

@@ -238,15 +238,11 @@ def inner(a: ParamGrads, b: ParamGrads, diag: bool = False, cache_a: FlatCache |
     return (ma * mb).sum(1) if diag else dense_cross(ma, mb)
 
 
-def self_grams(params: dict[str, ParamGrads]) -> tuple[dict[str, Tensor], Tensor | None]:
+def self_grams(params: dict[str, ParamGrads]) -> dict[str, Tensor]:
     """Per-parameter Grams of one batch, name -> (N, N), as ``inner(pg, pg)``, except that
     a (N, d) operand shared by several parameters is multiplied once: a Linear's bias gradient
     (N, out) is its weight's left factor, so the (N, N) product G G^T (N^2 out flops, e.g.
-    20 MFLOP for a 2048-wide layer at N = 100) serves both.
-
-    Also returns the Grams stacked as one (L, N, N) tensor (the dict's values are its rows)
-    when they share dtype and device, else None: the host statistics read them with one
-    transfer and no stacking copy (the MLP layers' products are written straight into it)."""
+    20 MFLOP for a 2048-wide layer at N = 100) serves both."""
     memo: dict[tuple, Tensor] = {}
 
     def gram2d(t: Tensor) -> Tensor:  # (N, d) -> (N, N)
@@ -255,22 +251,14 @@ def self_grams(params: dict[str, ParamGrads]) -> tuple[dict[str, Tensor], Tensor
             memo[key] = t @ t.T
         return memo[key]
 
-    parts: dict[str, tuple[Tensor, Tensor] | Tensor] = {}  # name -> (A, B) for A * B, or Gram
+    out = {}
     for name, pg in params.items():
         f = pg.factors[0] if len(pg.factors) == 1 else None
         if (pg.dense is None and f is not None and not f.index and f.layout[0] == f.t == 1
                 and pg.strategy in ("auto", "ghost")):  # an MLP layer: ghost always wins
-            parts[name] = (gram2d(f.left[:, 0, 0]), gram2d(f.right[:, 0, 0]))
+            out[name] = gram2d(f.left[:, 0, 0]) * gram2d(f.right[:, 0, 0])
         elif pg.dense is not None and not pg.factors and pg.dense.dim() == 2:
-            parts[name] = gram2d(pg.dense)
+            out[name] = gram2d(pg.dense)
         else:
-            parts[name] = inner(pg, pg)
-    firsts = [v[0] if isinstance(v, tuple) else v for v in parts.values()]
-    if not firsts or any(t.dtype != firsts[0].dtype or t.device != firsts[0].device
-                         or t.shape != firsts[0].shape for t in firsts):
-        return {k: v[0] * v[1] if isinstance(v, tuple) else v for k, v in parts.items()}, None
-    stack = firsts[0].new_empty((len(parts), *firsts[0].shape))  # (L, N, N)
-    with torch.no_grad():  # results are read detached (fallback grads may carry a graph)
-        for k, v in enumerate(parts.values()):
-            torch.mul(v[0], v[1], out=stack[k]) if isinstance(v, tuple) else stack[k].copy_(v)
-    return dict(zip(parts, stack.unbind(0))), stack
+            out[name] = inner(pg, pg)
+    return out
