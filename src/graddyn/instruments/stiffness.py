@@ -15,7 +15,7 @@ Cost per update: one Gram, O(B^2 + K^2).
 >>> g = torch.tensor([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])
 >>> stiffness_sums(g @ g.T, torch.tensor([0, 0, 1]), 2)[1]
 tensor([[ 2., -2.],
-        [-2.,  0.]])
+        [-2.,  0.]], dtype=torch.float64)
 """
 
 from __future__ import annotations

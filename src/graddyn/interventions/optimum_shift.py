@@ -178,7 +178,7 @@ class StochasticOptimumShift:
     Cost per shift: one forward pass on ``batch_size`` examples and an SVD of ``(n, in)``.
 
     Example:
-        >>> sos = StochasticOptimumShift("fc", every=10, batch_size=32, data=splits.train_x)
+        >>> sos = StochasticOptimumShift("fc", every=10, batch_size=32, data=torch.randn(64, 784))
         >>> Trainer(model, opt, splits, interventions=[sos]).fit(500)  # doctest: +SKIP
     """
 

@@ -1,9 +1,12 @@
 """The per-example gradient engine.
 
->>> with graddyn.capture(model) as cap:        # doctest: +SKIP
+>>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+>>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])
+>>> with graddyn.capture(model) as cap:
 ...     losses = F.cross_entropy(model(x), y, reduction="none")   # (B,)
 >>> grads = cap.backward(losses)               # one backward pass
->>> grads.norms(), grads.gram(), grads.sum()   # (B,), (B, B), dict name -> tensor
+>>> grads.norms().shape, grads.gram().shape, sorted(grads.sum())   # (B,), (B, B), names
+(torch.Size([5]), torch.Size([5, 5]), ['0.bias', '0.weight', '2.bias', '2.weight'])
 
 How it works (details in each module's docstring):
 

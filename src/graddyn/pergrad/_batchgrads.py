@@ -34,7 +34,7 @@ class BatchGrads:
     """Per-example gradients of a batch, held factored.
 
     >>> grads = cap.backward(losses)          # doctest: +SKIP
-    >>> grads.norms().shape, grads.gram().shape, grads.names
+    >>> grads.norms().shape, grads.gram().shape, grads.names  # doctest: +SKIP
     (torch.Size([B]), torch.Size([B, B]), ['0.weight', '0.bias', ...])
     """
 
