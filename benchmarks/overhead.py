@@ -92,7 +92,8 @@ def time_mode(mode: str, splits, steps: int) -> tuple[float, float]:
 def time_interleaved(splits, steps: int, chunk: int) -> dict[str, float]:
     """Wall seconds of ``steps`` steps per mode, the modes taking turns every ``chunk``
     steps (one trainer each, 2-step warm-up): a shared VM's speed drifts over seconds
-    (10-15 % over a day here), and turns of ~0.1 s put every mode through the same drift."""
+    (plain steps 5.2-7.5 ms within one session here), and turns of ~0.1 s put every mode
+    through the same drift."""
     trainers = {mode: make_trainer(mode, splits) for mode in MODES}
     for trainer in trainers.values():
         trainer.fit(2)
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _table(times: dict[str, list[float]], cpu: dict[str, list[float]], steps: int) -> None:
-    """Wall time (median, min) and process CPU time (min) per mode, with ratios to plain;
-    the CPU-time ratio is the steadier one on a shared machine."""
+    """Wall time (median, min) and, when the modes ran one after another, process CPU time
+    (min) per mode, with ratios to plain; then each repeat's wall-time ratio."""
     base, base_min = statistics.median(times["plain"]), min(times["plain"])
     has_cpu = all(cpu.values())  # not measured per mode when the modes take turns
     print(f"{'mode':<8} {'median s':>9} {'min s':>7} {'ms/step':>8} {'ratio':>6} "

@@ -50,17 +50,13 @@ class _Planned(NamedTuple):
     serves: frozenset[int]  # their ids
 
 
-_functorch_level = torch._C._functorch.maybe_current_level  # None outside torch.func
-
-
-def _param_signature(modules: list[nn.Module]) -> list[tuple]:
-    """What a capture's layout depends on, read from the modules found at the last walk of
-    the tree (no new walk: a step pays ~1 us per module): each one's children (a replaced
-    or added submodule changes its parent's), its parameter objects, and which of those
-    train."""
+def _param_signature(modules: list[tuple[str, nn.Module]]) -> list[tuple]:
+    """What a capture's layout depends on, read from the ``(name, module)`` pairs found at
+    the last walk of the tree (no new walk each step): each module's children (a replaced or
+    added submodule changes its parent's), its parameter objects, and which of those train."""
     return [(tuple(map(id, m._modules.values())),
              tuple((id(p), p.requires_grad) for p in m._parameters.values() if p is not None))
-            for m in modules]
+            for _, m in modules]
 
 
 class Capture:
@@ -91,8 +87,7 @@ class Capture:
         self._strategy = resolve_strategy(self._strategy_arg, self._names.values())
         self._qual = {id(m): k for k, m in self._modules}
         self._by_id = {id(p): p for _, p in named}
-        self._tree = [m for _, m in self._modules]
-        self._signature = _param_signature(self._tree)
+        self._signature = _param_signature(self._modules)
         # modules owning captured parameters directly: id -> (module, {attr: param})
         self._owners: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
         for _, m in self._modules:
@@ -127,7 +122,7 @@ class Capture:
         if not self._handles:
             raise CaptureError("rearm() works inside the capture's with block (it keeps the "
                                "hooks installed); open a `with graddyn.capture(model)` first.")
-        if _param_signature(self._tree) != self._signature:
+        if _param_signature(self._modules) != self._signature:
             self._uninstall()
             self._layout()
             self._install()
@@ -172,27 +167,17 @@ class Capture:
             raise CaptureError(batchnorm_message(type(m).__name__, self._qual.get(id(m), "?")))
 
     def _root_hook(self, m: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._recording and _functorch_level() is None:
-            if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):  # model(x)
-                self._batch_ptrs.add(storage_ptr(args[0]))
-                return
-            for t in tree_flatten((args, kwargs))[0]:
+        if self._recording and torch._C._functorch.maybe_current_level() is None:
+            plain = not kwargs and all(isinstance(a, Tensor) for a in args)  # model(x): no walk
+            for t in args if plain else tree_flatten((args, kwargs))[0]:
                 if isinstance(t, Tensor):
                     self._batch_ptrs.add(storage_ptr(t))
 
     def _hook(self, m: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
-        if not self._recording or _functorch_level() is not None:
+        if not self._recording or torch._C._functorch.maybe_current_level() is not None:
             return  # inside a torch.func transform or our own fallback: not a captured call
-        if (not kwargs and len(args) == 1 and isinstance(output, Tensor)
-                and isinstance(args[0], Tensor)):  # fast path: one tensor in, one out
-            if not output.requires_grad:
-                return
-            x = args[0]
-            self._calls.setdefault(id(m), []).append(
-                _Call((x.detach(),), {}, [output], [0], [x], [output._version, x._version]))
-            return
         if isinstance(output, Tensor) and not kwargs and all(isinstance(a, Tensor) for a in args):
-            if not output.requires_grad:
+            if not output.requires_grad:  # fast path: one tensor in, one out (most layers)
                 return
             outs, pos = [output], [0]
             ins, detach = list(args), (tuple(a.detach() for a in args), {})

@@ -53,52 +53,6 @@ def stray_uses(losses: Tensor, calls: list[PlannedCall], captured: dict[int, str
 
     ``captured``: id(parameter) -> name. Returns names in ``captured`` order (empty if none).
     """
-    if any(c.fallback for c in calls):
-        stray = _walk_with_scopes(losses, calls, captured)
-    else:
-        stray = _walk_rules(losses, calls, captured)
-    for c in calls:  # a captured parameter passed as a call's input is used outside too
-        for t in c.inputs:
-            if id(t) in captured and t.grad_fn is None and id(t) not in c.serves:
-                stray.add(id(t))
-    return [name for pid, name in captured.items() if pid in stray]
-
-
-def _walk_rules(losses: Tensor, calls: list[PlannedCall], captured: dict[int, str]) -> set[int]:
-    """The walk when every planned call is a rule call (no scopes to track): the common case,
-    run on every measured training step, so it keeps to the fewest Python objects."""
-    jumps: dict[object, list[object]] = {}  # rule output node -> its input nodes
-    for c in calls:
-        ins = [t.grad_fn for t in c.inputs if t.grad_fn is not None]
-        for o in c.outputs:
-            node = o.grad_fn
-            if node is not None and node not in ins:  # identity-like output: nothing to skip
-                jumps[node] = ins
-    stray: set[int] = set()
-    seen: set[object] = set()
-    stack = [losses.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nxt = jumps.get(node)
-        if nxt is not None:
-            stack.extend(nxt)
-            continue
-        pid = _leaf_param(node)
-        if pid is not None:
-            if pid in captured:
-                stray.add(pid)
-            continue
-        for n, _ in node.next_functions:
-            stack.append(n)
-    return stray
-
-
-def _walk_with_scopes(losses: Tensor, calls: list[PlannedCall],
-                      captured: dict[int, str]) -> set[int]:
-    """The general walk: fallback calls open scopes where their parameters are allowed."""
     jumps: dict[object, list[object]] = {}  # rule output node -> its input nodes
     enters: dict[object, list[int]] = {}  # fallback output node -> indices into ``calls``
     for i, c in enumerate(calls):
@@ -134,7 +88,11 @@ def _walk_with_scopes(losses: Tensor, calls: list[PlannedCall],
             stack.extend((n, s) for n in jumps[node])
             continue
         stack.extend((n, s) for n, _ in node.next_functions)
-    return stray
+    for c in calls:  # a captured parameter passed as a call's input is used outside too
+        for t in c.inputs:
+            if id(t) in captured and t.grad_fn is None and id(t) not in c.serves:
+                stray.add(id(t))
+    return [name for pid, name in captured.items() if pid in stray]
 
 
 def _enter(scopes: list[_Scope], scope_of_call: dict[tuple[int, int], int],
