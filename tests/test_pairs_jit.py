@@ -127,8 +127,9 @@ def test_switch_off_gives_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
 def _confusion_reference(inner: np.ndarray, cos: np.ndarray, quantiles: tuple, nb: int):
     """The NumPy path of ``confusion_stats`` (full sort), as (numbers, histogram)."""
     s = np.sort(cos)
-    numbers = [float(inner.min()), float(s[0]), float(s.mean()),
-               *C._quantiles_sorted(s, quantiles)]
+    with np.errstate(invalid="ignore"):  # the mean of -inf and inf is NaN, as it should be
+        mean = float(s.mean())
+    numbers = [float(inner.min()), float(s[0]), mean, *C._quantiles_sorted(s, quantiles)]
     return np.array(numbers), C._histogram_sorted(s, nb).numpy()
 
 
