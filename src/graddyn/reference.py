@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ._robust import winsorized_mean_rows
 
 __all__ = ["DenseBatchGrads", "dense_batch_grads", "per_example_grads",
-           "per_example_output_grads"]
+           "per_example_output_grads", "per_loss_grads"]
 
 
 def _selected(model: nn.Module, params: object) -> dict[str, nn.Parameter]:
@@ -50,6 +50,25 @@ def per_example_grads(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tens
         loss = loss_fn(model(inputs[b:b + 1]), targets[b:b + 1]).sum()
         rows.append(_grads(loss, ps))
     return {k: torch.stack([r[i] for r in rows]) for i, k in enumerate(ps)}
+
+
+def per_loss_grads(model: nn.Module, losses: Tensor, params: object = None
+                   ) -> dict[str, Tensor]:
+    """d losses[i] / d theta for each i, from the batched forward that built ``losses`` ->
+    dict name -> (*losses.shape, *shape). One ``torch.autograd.grad`` per entry (the graph is
+    kept), so the forward's dropout masks, batch statistics and any coupling of the examples
+    are those of that one pass: the reference for everything the engine computes.
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Dropout(0.5))
+    >>> losses = model(torch.randn(4, 3)).sum(1)           # (B,)
+    >>> per_loss_grads(model, losses)["0.weight"].shape
+    torch.Size([4, 2, 3])
+    """
+    ps = _selected(model, params)
+    flat = losses.reshape(-1)
+    rows = [_grads(flat[i], ps) for i in range(flat.numel())]
+    return {k: torch.stack([r[i] for r in rows]).reshape(*losses.shape, *p.shape)
+            for i, (k, p) in enumerate(ps.items())}
 
 
 def per_example_output_grads(model: nn.Module, inputs: Tensor, params: object = None

@@ -10,38 +10,32 @@
 
 How it works (details in each module's docstring):
 
-- ``_capture``: forward hooks record each call's inputs and outputs of modules that own
-  captured parameters (and of their ancestors); ``Capture.backward`` runs ONE
-  ``torch.autograd.grad(losses, outputs)``; row n of each output gradient is example n's.
-- ``_rules_*``: closed forms per layer (Linear with any leading dims, Conv1d/2d via unfold,
-  Embedding, LayerNorm/GroupNorm/eval BatchNorm affine, biases) give factored gradients
-  ``sum_t L (x) R`` (``_factors.Outer``) or dense (N, *shape) tensors.
-- ``_paramgrads`` / ``_cost``: per parameter, products use the ghost form
-  ``sum_{t,s} (L.L')(R.R')`` or materialise, whichever the FLOP/memory model finds cheaper
-  (``strategy=`` forces it). Reused/tied parameters sum their uses, cross terms included.
-- ``_fallback``: any other module with parameters -> ``vmap(vjp(functional_call))`` on its
-  recorded input and output gradient. A parameter whose module is never called on the batch
-  (used functionally, e.g. ``nn.MultiheadAttention.out_proj``, or called on an unbatched
-  tensor such as positions ``arange(T)``) is served by the fallback of the nearest ancestor.
-
-- ``_graphcheck`` (``check=True``, default): before the backward, one walk of the autograd
-  graph outside the planned calls; a captured parameter also used as a plain tensor there
-  (``h @ self.emb.weight.T``) raises ``CaptureError`` instead of silently losing that share.
-- ``_batchcheck`` (``check=True``): a module called on a tensor that is neither (a view of)
-  the model's input nor carries a graph (e.g. ``pos(arange(T))``) is probed once with a
-  second seed; an output whose rows are shared by all examples (first dim == B by chance) is
-  served by the fallback of a batched ancestor instead of being misread row by row.
-- ``BatchGrads`` memoises per-layer Grams (``norms()`` then reads their diagonal) and computes
-  ``winsorized_mean`` as plain sum (free from the factors) + a correction from the c + 1
-  extreme values per coordinate, over cache-sized blocks materialised into one buffer.
-
-Assumptions: examples are independent (no batch statistics: BatchNorm in training mode is an
-error), the batch dimension is first, and every captured parameter is used inside its
-owning module's forward or inside an ancestor module (checked, see ``_graphcheck``).
+- ``_record``: forward hooks record each call of the modules that own captured parameters
+  (and of their ancestors): inputs, outputs, and the outputs' gradient edges.
+- ``_walk`` / ``_plan`` / ``_layout``: once per model structure, a walk of the autograd graph
+  and a two-pass probe decide where the examples lie in every recorded tensor (never assumed:
+  any layout, shared positions, coupling), which calls a closed-form rule serves, and which
+  parameter uses need the exact path.
+- ``_capture``: ONE ``torch.autograd.grad(losses, outputs)``; row n of each output gradient,
+  in its layout, is example n's own.
+- ``_rules_*`` (registry ``_rules``, public ``register_rule``): closed forms per layer
+  (Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, EmbeddingBag, LayerNorm, RMSNorm,
+  GroupNorm, InstanceNorm, BatchNorm, PReLU; Hugging Face's Conv1D when ``transformers`` is
+  used) give factored gradients ``sum_t L (x) R`` (``_factors.Outer``) or dense (N, *shape).
+- ``_paramgrads`` / ``_cost``: per parameter, products use the ghost form or materialise,
+  whichever the FLOP/memory model finds cheaper (``strategy=`` forces it). Reused/tied
+  parameters sum their uses, cross terms included.
+- ``_local``: the exact path for everything else: batched vector-Jacobian products of the
+  recorded graph from the nearest per-example tensors (dropout keeps its masks, RNNs their
+  kernels, coupled examples their coupling); slower, never wrong.
+- ``BatchGrads`` memoises per-layer Grams (``norms()`` then reads their diagonal).
 """
 
 from ._batchgrads import BatchGrads
 from ._capture import Capture, capture
-from ._errors import CaptureError, UnsupportedModuleError
+from ._errors import CaptureError, ExactPathWarning, UnsupportedModuleError
+from ._factors import Outer
+from ._rules import RuleCall, register_rule
 
-__all__ = ["BatchGrads", "Capture", "CaptureError", "UnsupportedModuleError", "capture"]
+__all__ = ["BatchGrads", "Capture", "CaptureError", "ExactPathWarning", "Outer", "RuleCall",
+           "UnsupportedModuleError", "capture", "register_rule"]

@@ -1,53 +1,56 @@
 """``graddyn.capture``: record a forward pass, then ONE backward gives per-example gradients.
 
-Forward hooks record, per call of every module that owns captured parameters (and their
-ancestors), the inputs and the output tensors. ``Capture.backward`` then calls
-``torch.autograd.grad(losses, outputs)`` once: since examples are independent, row n of
-d(sum losses)/d(output) is example n's own output gradient, and the per-layer rules
-(``_rules_*``) or the torch.func fallback turn (input, output gradient) into per-example
-parameter gradients, held factored in :class:`BatchGrads`. No module backward hooks are used,
-so torch.func transforms of the model keep working (calls inside transforms are not recorded).
+Forward hooks record every call of the modules that own captured parameters and of their
+ancestors (``_record``). ``Capture.backward`` then
+
+1. walks the graph of the losses (``_walk``) and looks up the plan of this graph's structure
+   (``_plan``; made once, with the probe of ``_layout`` that establishes where the examples
+   lie in every recorded tensor: never assumed);
+2. runs ONE ``torch.autograd.grad`` from the losses to the outputs of the rule calls (and the
+   sources of the exact path): row n of each gradient, in its layout, is example n's own;
+3. turns each rule call into factored per-example gradients (``_rules_*``) and serves every
+   other use of a captured parameter exactly from the recorded graph (``_local``).
+
+No module backward hooks are used, so torch.func transforms of the model keep working (calls
+inside transforms are not recorded).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import NamedTuple
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
-from ._batchcheck import VERDICTS, call_signature, is_suspect, shared_outputs, storage_ptr
 from ._batchgrads import BatchGrads
-from ._errors import CaptureError, UnsupportedModuleError, batchnorm_message, unsupported_message
+from ._errors import (
+    CaptureError,
+    ExactPathWarning,
+    UnsupportedModuleError,
+    batchnorm_message,
+    exact_path_message,
+    unsupported_message,
+)
+from ._functional import FUNCTIONAL_LINEAR, SCOPED, FunctionalLinear, _rows_of, scope_hooks
 from ._grads import NOT_FROM_CAPTURE, output_grads
-from ._graphcheck import PlannedCall, stray_message, stray_uses
+from ._layout import Layout
+from ._local import Source, local_grads
 from ._paramgrads import ParamGrads
-from ._rules import RULES, is_coupled_batchnorm
+from ._plan import Plan, analyse, candidate_rules, jumps_of
+from ._record import Call, batch_pattern, edge_of, ekey, record_call, stale
+from ._rules import RuleCall, rule_for
+from ._rules_norm import is_coupled_batchnorm
 from ._select import resolve_params, resolve_strategy
+from ._walk import Walk, walk
 
+PLANS: WeakKeyDictionary[nn.Module, dict[tuple, Plan]] = WeakKeyDictionary()
+"""model -> {structure key: plan}: a training loop analyses its model once per structure."""
 
-@dataclass
-class _Call:
-    """One recorded call: detached inputs, output tensor leaves (in the graph), versions."""
-
-    args: tuple
-    kwargs: dict
-    outputs: list[Tensor]
-    out_pos: list[int]
-    ins: list[Tensor]
-    versions: list[int]
-
-
-class _Planned(NamedTuple):
-    """One module of the backward plan."""
-
-    module: nn.Module
-    kind: str  # 'rule' | 'fallback'
-    wanted: set[str]  # its captured parameters, names relative to the module
-    serves: frozenset[int]  # their ids
+BATCHNORM_MODES = ("error", "coupled")
 
 
 def _param_signature(modules: list[tuple[str, nn.Module]]) -> list[tuple]:
@@ -65,14 +68,16 @@ class Capture:
 
     def __init__(self, model: nn.Module, params: object = None, mode: str = "loss",
                  strategy: str | Mapping[str, str] = "auto", fallback: bool = True,
-                 check: bool = True) -> None:
+                 check: bool = True, batchnorm: str = "error") -> None:
         if mode not in ("loss", "output"):
             raise ValueError(f"mode must be 'loss' or 'output', got {mode!r}.")
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}.")
         self.model, self.mode, self.fallback, self.check = model, mode, fallback, check
+        self.batchnorm = batchnorm
         self._params_arg, self._strategy_arg = params, strategy
         self._layout()
-        self._calls: dict[int, list[_Call]] = {}
-        self._batch_ptrs: set[int] = set()  # storages of the tensors given to model(...)
+        self._calls: list[Call] = []
         self._handles: list = []
         self._state = "new"
         self._recording = False  # True only while open: hooks record nothing otherwise
@@ -87,15 +92,16 @@ class Capture:
         self._strategy = resolve_strategy(self._strategy_arg, self._names.values())
         self._qual = {id(m): k for k, m in self._modules}
         self._by_id = {id(p): p for _, p in named}
+        self._pos = {pid: i for i, pid in enumerate(self._names)}
+        self._captured = {pid: self._by_id[pid] for pid in self._names}
         self._signature = _param_signature(self._modules)
-        # modules owning captured parameters directly: id -> (module, {attr: param})
-        self._owners: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
+        # modules owning captured parameters directly: id -> {attr: param}
+        self._owned: dict[int, set[str]] = {}
         for _, m in self._modules:
-            own = {a: p for a, p in m._parameters.items()
-                   if p is not None and id(p) in self._names}
+            own = {a for a, p in m._parameters.items() if p is not None and id(p) in self._names}
             if own:
-                self._owners[id(m)] = (m, own)
-        self._plans: dict[tuple[int, ...], list[_Planned]] = {}  # called modules -> plan
+                self._owned[id(m)] = own
+        self._rules = {id(m): rule_for(m) for _, m in self._modules if id(m) in self._owned}
 
     # --- recording ----------------------------------------------------------------------
     def __enter__(self) -> Capture:
@@ -126,38 +132,30 @@ class Capture:
             self._uninstall()
             self._layout()
             self._install()
-        self._calls.clear()
-        self._batch_ptrs.clear()
+        self._calls = []
         self._state, self._recording = "open", True
 
     def _install(self) -> None:
-        self._check_supported()
         for m in self._hooked_modules():
             self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._root_hook,
-                                                                   with_kwargs=True))
-        for _, m in self._modules:
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                self._handles.append(m.register_forward_pre_hook(self._bn_check))
+            if isinstance(m, SCOPED) and id(m) in self._owned:
+                self._handles += scope_hooks(m, self._on_linear)
+        if self.batchnorm == "error":
+            for _, m in self._modules:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    self._handles.append(m.register_forward_pre_hook(self._bn_check))
 
     def _uninstall(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _check_supported(self) -> None:
-        if self.fallback:
-            return
-        for m, own in self._owners.values():
-            if type(m) not in RULES:
-                raise UnsupportedModuleError(unsupported_message(
-                    type(m).__name__, self._qual[id(m)], next(iter(own))))
-
     def _hooked_modules(self) -> list[nn.Module]:
-        """Owners and their ancestors (ancestors serve parameters their child never calls)."""
+        """Owners and their ancestors (ancestors' outputs are per-example tensors near the
+        uses of parameters that no rule serves)."""
         keep = set()
         for k, m in self._modules:
-            if id(m) in self._owners:
+            if id(m) in self._owned:
                 parts = k.split(".") if k else []
                 keep.update(".".join(parts[:i]) for i in range(len(parts) + 1))
         return [m for k, m in self._modules if k in keep]
@@ -166,31 +164,34 @@ class Capture:
         if self._recording and torch.is_grad_enabled() and is_coupled_batchnorm(m):
             raise CaptureError(batchnorm_message(type(m).__name__, self._qual.get(id(m), "?")))
 
-    def _root_hook(self, m: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._recording and torch._C._functorch.maybe_current_level() is None:
-            plain = not kwargs and all(isinstance(a, Tensor) for a in args)  # model(x): no walk
-            for t in args if plain else tree_flatten((args, kwargs))[0]:
-                if isinstance(t, Tensor):
-                    self._batch_ptrs.add(storage_ptr(t))
-
     def _hook(self, m: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if not self._recording or torch._C._functorch.maybe_current_level() is not None:
-            return  # inside a torch.func transform or our own fallback: not a captured call
-        if isinstance(output, Tensor) and not kwargs and all(isinstance(a, Tensor) for a in args):
-            if not output.requires_grad:  # fast path: one tensor in, one out (most layers)
-                return
-            outs, pos = [output], [0]
-            ins, detach = list(args), (tuple(a.detach() for a in args), {})
-        else:
-            leaves, _ = tree_flatten(output)
-            pos = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.requires_grad]
-            if not pos:
-                return  # no graph (e.g. under torch.no_grad)
-            outs = [leaves[i] for i in pos]
-            ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-            detach = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
-        self._calls.setdefault(id(m), []).append(
-            _Call(detach[0], detach[1], outs, pos, ins, [t._version for t in outs + ins]))
+            return  # inside a torch.func transform: not a captured call
+        call = record_call(m, args, kwargs, output)
+        if call is not None:
+            own = self._owned.get(id(m))
+            if own:
+                call.wanted, call.rule = own, self._rules.get(id(m))
+            self._calls.append(call)
+
+    def _on_linear(self, x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> None:
+        """Record ``F.linear(x, w, b)`` inside a scoped module (``_functional``) when its
+        captured weight/bias are rows of captured parameters; else the exact path serves them."""
+        if not self._recording or not out.requires_grad:
+            return
+        wl, bl = _rows_of(w, self._captured), _rows_of(b, self._captured)
+        if (wl is None and id(w) in self._by_id and w.requires_grad) or (
+                b is not None and bl is None and b.requires_grad):
+            return  # a captured weight we cannot map: leave it to the exact path
+        wanted = ({"weight"} if wl is not None else set()) | ({"bias"} if bl is not None else set())
+        if wl is None or not wanted:
+            return
+        mod = FunctionalLinear(wl[0], wl[1], None if bl is None else bl[0],
+                               None if bl is None else bl[1])
+        call = record_call(mod, (x,), {}, out)
+        call.rule, call.wanted = FUNCTIONAL_LINEAR, wanted
+        call.tag = ("F.linear", id(wl[0]), wl[1])
+        self._calls.append(call)
 
     # --- backward -----------------------------------------------------------------------
     def backward(self, losses: Tensor, scale: float = 1.0,
@@ -198,43 +199,51 @@ class Capture:
         """One backward pass -> :class:`BatchGrads` of ``scale * losses[n]`` for each n.
 
         ``losses``: (B,) per-example losses (mode='loss'), or the model outputs (B, *) in
-        mode='output' (flattened to (B, K)). ``scale=1/B`` makes ``grads.sum()`` equal the
-        gradient of ``losses.mean()``. ``p.grad`` is not touched. Cost: one backward that
-        stops at the captured outputs (no weight gradients), plus the rules.
+        mode='output' (flattened to (B, K)). Row n of the result is the gradient of
+        ``scale * losses[n]`` of this batched forward (its dropout masks, any coupling).
+        ``scale=1/B`` makes ``grads.sum()`` equal the gradient of ``losses.mean()``.
+        ``p.grad`` is not touched. Cost: one backward that stops at the recorded outputs (no
+        weight gradients) plus the rules; the first step of a new model structure also runs
+        the probe (two more backward passes).
         """
-        self._check_ready(losses)
-        self._keep_batched(losses.shape[0])
-        reuse = self._drop_shared(losses, scale, retain_graph) if self.check else None
-        plan = self._plan()
-        if not plan:
-            raise CaptureError("nothing captured: no module owning a captured parameter was "
-                               "called (with batched inputs) inside the with block.")
-        calls = [c for pl in plan for c in self._calls[id(pl.module)]]
-        self._check_versions(calls)
-        if self.check:
-            self._check_graph(losses, plan)
-        outs = [t for c in calls for t in c.outputs]
-        if reuse is None:
-            grads = output_grads(losses, outs, self.mode, scale, retain_graph)
-        else:  # the batch probe already computed them
-            grads = [reuse.get(id(t)) for t in outs]
-            if all(g is None for g in grads):
-                raise CaptureError(NOT_FROM_CAPTURE)
+        self._check_ready(losses, scale)
+        self._recording = False  # a recomputing checkpoint must not record during backward
+        calls = self._calls
+        if stale(calls):
+            raise CaptureError("a captured module input was modified in place after the "
+                               "forward (e.g. nn.ReLU(inplace=True) on a layer's input); the "
+                               "recorded values are stale. Fix: use out-of-place ops "
+                               "(inplace=False).")
+        plan, prober, final = self._plan(losses, scale)
+        b = losses.shape[0]
         k = 1 if self.mode == "loss" else int(losses[0].numel())
-        n = losses.shape[0] * k
+        n = b * k
+        keep = retain_graph or bool(plan.exact)
+        rule_edges = [(i, calls[i].edges[0]) for i, lay in plan.rules if lay != "unused"]
+        src_edges = [self._source_edge(s, final) for s in plan.sources if s.kind != "losses"]
+        edges = [e for _, e in rule_edges] + src_edges
+        if not edges:
+            grads = []
+        elif prober is not None and self.mode == "loss":  # the probe computed them already
+            grads = [prober.grad[ekey(e)] for e in edges]
+        else:
+            grads = output_grads(losses, edges, self.mode, scale, keep)
         pgs = {i: ParamGrads(name, self._by_id[i], n, strategy=self._strategy[name])
                for i, name in self._names.items()}
-        it = iter(grads)
-        for m, kind, wanted, _ in plan:
-            for c in self._calls[id(m)]:
-                gs = [next(it) for _ in c.outputs]
-                self._apply(m, kind, wanted, c, gs, k, n, pgs)
-        self._calls.clear()
-        self._state, self._recording = "done", False
-        batch = (losses.shape[0],) if self.mode == "loss" else (losses.shape[0], k)
-        return BatchGrads([pgs[i] for i in self._names], batch)
+        layouts = dict(plan.rules)
+        for (i, _), g in zip(rule_edges, grads):
+            lay = layouts[i]
+            if g is not None:
+                self._apply_rule(calls[i], lay, g, b, k, pgs)
+        if plan.exact:
+            sgrads = dict(zip(map(ekey, src_edges), grads[len(rule_edges):]))
+            self._exact(plan, losses, scale, sgrads, final, b, k, pgs)
+        self._calls = []
+        self._state = "done"
+        shape = (b,) if self.mode == "loss" else (b, k)
+        return BatchGrads([pgs[i] for i in self._names], shape)
 
-    def _check_ready(self, losses: Tensor) -> None:
+    def _check_ready(self, losses: Tensor, scale: float) -> None:
         if self._state == "done":
             raise CaptureError("backward() was already called on this capture and its records "
                                "were freed. Fix: capture a new forward pass for each backward.")
@@ -255,133 +264,149 @@ class Capture:
             raise CaptureError("losses were not built from the captured forward pass (they "
                                "have no autograd graph). Fix: compute them inside the with "
                                "block from the model output, with gradients enabled.")
+        if not math.isfinite(float(scale)):
+            raise CaptureError(f"scale={scale} is not finite. Fix: pass a finite scale, e.g. "
+                               "1/B for the mean over the batch.")
+        bad = ~torch.isfinite(losses.detach().reshape(losses.shape[0], -1)).all(1)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten().tolist()
+            raise CaptureError(f"losses of example(s) {idx[:10]}{' ...' if len(idx) > 10 else ''}"
+                               " are not finite (NaN or inf): their per-example gradients "
+                               "would be NaN and poison every Gram entry. Fix: drop or repair "
+                               "those examples (e.g. check the inputs for NaN) before "
+                               "backward().")
 
-    def _plan(self) -> list[_Planned]:
-        """The backward plan of the recorded calls, memoised by which modules were called
-        (a training loop calls the same ones every step)."""
-        key = tuple(self._calls)
-        if key not in self._plans:
-            self._plans[key] = [_Planned(m, kind, wanted,
-                                         frozenset(id(m.get_parameter(r)) for r in wanted))
-                                for m, kind, wanted in self._derive_plan()]
-        return self._plans[key]
+    def _plan(self, losses: Tensor, scale: float) -> tuple[Plan, object, Walk | None]:
+        """The cached plan of this graph's structure, or a new one (with its prober)."""
+        calls = self._calls
+        root = edge_of(losses).node
+        cand = candidate_rules(calls)
+        w0 = walk(root, jumps_of(calls, cand), self._pos) if self.check else None
+        key = (self.mode, tuple(losses.shape[1:]), losses.shape[0] == 1,
+               batch_pattern(calls, losses.shape[0]), tuple(cand), tuple(self._names),
+               None if w0 is None else w0.key)
+        cache = PLANS.setdefault(self.model, {})
+        plan = cache.get(key)
+        if plan is not None:
+            final = w0 if (plan.sources and w0 is not None and not plan.demoted) else None
+            if final is None and any(s.kind == "node" for s in plan.sources):
+                final = walk(root, jumps_of(calls, plan.jumps), self._pos)
+            return plan, None, final
+        plan, prober, final = analyse(calls, losses, scale, self._pos, self._reason)
+        if not plan.rules and not plan.exact or (
+                all(lay == "unused" for _, lay in plan.rules) and not plan.exact):
+            raise CaptureError(NOT_FROM_CAPTURE)
+        if plan.exact:
+            reasons = {self._names[p]: r for p, r in plan.exact.items()}
+            if not self.fallback:
+                raise UnsupportedModuleError(unsupported_message(reasons))
+            warnings.warn(exact_path_message(reasons, losses.shape[0]), ExactPathWarning,
+                          stacklevel=3)
+        cache[key] = plan
+        return plan, prober, final
 
-    def _derive_plan(self) -> list[tuple[nn.Module, str, set[str]]]:
-        """[(module, 'rule'|'fallback', parameter names relative to module)]."""
-        plan: dict[int, tuple[nn.Module, str, set[str]]] = {}
-        called = {pid for m, own in self._owners.values() if id(m) in self._calls
-                  for pid in map(id, own.values())}
-        by_name = dict(self._modules)
-        for m, own in self._owners.values():
-            if id(m) in self._calls:
-                kind = "rule" if type(m) in RULES else "fallback"
-                plan[id(m)] = (m, kind, set(own))
+    def _reason(self, pid: int, active: set[int], demoted: set[int]) -> str:
+        """Why parameter ``pid`` takes the exact path, for the warning."""
+        calls = self._calls
+        name = self._names[pid]
+        attr = name.rsplit(".", 1)[-1]
+        owner = next((m for _, m in self._modules if m._parameters.get(attr) is self._by_id[pid]
+                      and id(m) in self._owned), None)
+        where = type(owner).__name__ if owner is not None else "?"
+        mine = [i for i, c in enumerate(calls) if c.module is owner]
+        if owner is not None and self._rules.get(id(owner)) is None:
+            return f"no closed-form rule for {where}"
+        if any(i in demoted for i in mine):
+            return (f"an output of {where} is not per-example: shared by the examples or "
+                    "coupling them")
+        if not mine:
+            return f"used outside a call of its {where}"
+        return f"also used outside its {where}'s call"
+
+    def _source_edge(self, s: object, final: Walk | None) -> tuple:
+        if s.kind == "call":
+            return self._calls[s.i].edges[s.j]
+        from torch.autograd.graph import GradientEdge
+
+        return GradientEdge(final.nodes[s.i], s.j)
+
+    def _apply_rule(self, c: Call, lay: Layout, g: Tensor, b: int, k: int,
+                    pgs: dict[int, ParamGrads]) -> None:
+        args, kwargs = c.args, c.kwargs
+        leading = c.rule.batch_of(c.module) == "leading"
+        if k == 1:
+            if leading and not lay.is_first:
+                g, args = lay.front(g, b), (lay.front(args[0], b), *args[1:])
+        else:  # mode='output': g (K, *S) -> rows n K + k; inputs repeated K times
+            g = Layout(lay.dim + 1, lay.block, lay.minor).front(g, b) if leading else g.movedim(
+                1, 0)  # (B, [block,] K, ...)
+            if leading and lay.block > 1:
+                g = g.transpose(1, 2)
+            g = g.reshape(b * k, *g.shape[2:])
+            if leading:
+                args = (lay.front(args[0], b), *args[1:])
+            args, kwargs = tree_map(lambda t: _repeat(t, k, b), (args, kwargs))
+        for attr, f in c.rule.fn(c.module, RuleCall(args, kwargs, g, c.wanted)):
+            pg = pgs[id(c.module._parameters[attr])]
+            pg.add_dense(f) if isinstance(f, Tensor) else pg.add_outer(f)
+
+    def _exact(self, plan: Plan, losses: Tensor, scale: float, sgrads: dict, final: Walk | None,
+               b: int, k: int, pgs: dict[int, ParamGrads]) -> None:
+        """The parameters of ``plan.exact`` from the sources (see ``_local``)."""
+        sources = []
+        for s in plan.sources:
+            if s.kind == "losses":
+                sources.append(_losses_source(losses, scale, b * k))
                 continue
-            for attr, p in own.items():  # never called: used functionally by an ancestor?
-                if id(p) in called:
-                    continue
-                parts = self._qual[id(m)].split(".")
-                for i in range(len(parts) - 1, -1, -1):
-                    anc = by_name[".".join(parts[:i])]
-                    if id(anc) in self._calls:
-                        self._add_functional(plan, anc, ".".join(parts[i:] + [attr]))
-                        break
-        return list(plan.values())
+            e = self._source_edge(s, final)
+            g = sgrads.get(ekey(e))
+            if g is None:
+                continue
+            sources.append(_edge_source(e, g, s.layout, b, k))
+        internal = {pid: set().union(*(_internal_nodes(self._calls[i]) for i in idx))
+                    for pid, idx in plan.internal.items()}
+        params = {pid: self._by_id[pid] for pid in plan.exact}
+        for pid, g in local_grads(sources, params, internal, b * k).items():
+            pgs[pid].add_dense(g)
 
-    def _add_functional(self, plan: dict, anc: nn.Module, rel: str) -> None:
-        if not self.fallback:
-            raise UnsupportedModuleError(unsupported_message(
-                type(anc).__name__, self._qual[id(anc)], rel))
-        if id(anc) in plan and plan[id(anc)][1] == "rule":
-            return
-        plan.setdefault(id(anc), (anc, "fallback", set()))[2].add(rel)
 
-    def _keep_batched(self, b: int) -> None:
-        """Keep modules whose every call has batch dimension b; a module also called on
-        unbatched inputs (e.g. positional embeddings on arange(T)) shares its output across
-        examples, so its parameters are served by the fallback of a batched ancestor."""
-        def batched(c: _Call) -> bool:
-            return c.outputs[0].ndim > 0 and c.outputs[0].shape[0] == b
+def _losses_source(losses: Tensor, scale: float, rows: int) -> Source:
+    """Row r: ``scale`` on entry r of the (flattened) losses."""
+    shape = tuple(losses.shape)
 
-        if all(batched(c) for cs in self._calls.values() for c in cs):
-            return  # the usual case: nothing to drop
-        shapes = [tuple(c.outputs[0].shape) for cs in self._calls.values() for c in cs]
-        self._calls = {i: cs for i, cs in self._calls.items() if all(map(batched, cs))}
-        if not self._calls:
-            raise CaptureError(
-                f"losses has batch size {b} but no captured module output has batch size {b} "
-                f"(output shapes: {sorted(set(shapes))[:5]}): the captured batch and the losses "
-                "must match (one loss per example, batch dimension first).")
+    def seeds(r0: int, r1: int) -> Tensor:
+        eye = torch.zeros(r1 - r0, rows, dtype=losses.dtype, device=losses.device)
+        eye[torch.arange(r1 - r0), torch.arange(r0, r1)] = scale
+        return eye.reshape(r1 - r0, *shape)
 
-    def _drop_shared(self, losses: Tensor, scale: float, retain_graph: bool
-                     ) -> dict[int, Tensor] | None:
-        """Drop modules with a call whose output only looks batched (``_batchcheck``); their
-        parameters go to the fallback of a batched ancestor, like unbatched calls.
+    return Source(losses.grad_fn, losses.output_nr, rows, seeds)
 
-        The verdict is cached per model and call signature (module, shapes, strides), so
-        a training loop probes once. Returns id(output) -> output gradient of every recorded
-        call when the probe ran in mode='loss' (backward need not run again), else None."""
-        if not any(is_suspect(c.ins, self._batch_ptrs) for i, cs in self._calls.items()
-                   if i in self._owners for c in cs):
-            return None
-        key = (self.mode, tuple(losses.shape), call_signature(self._calls, self._qual))
-        cache = VERDICTS.setdefault(self.model, {})
-        if key in cache:
-            self._calls = {i: cs for i, cs in self._calls.items() if i not in cache[key]}
-            return None
-        reuse = self.mode == "loss"
-        probed = [(i, c) for i, cs in self._calls.items() if reuse or i in self._owners
-                  for c in cs]
-        outs = [t for _, c in probed for t in c.outputs]
-        flags, g1 = shared_outputs(losses, outs, scale, retain_graph or not reuse)
-        it = iter(flags)
-        shared = {i for i, c in probed if any([next(it) for _ in c.outputs])}
-        cache[key] = shared
-        self._calls = {i: cs for i, cs in self._calls.items() if i not in shared}
-        return {id(t): g for t, g in zip(outs, g1) if g is not None} if reuse else None
 
-    def _check_graph(self, losses: Tensor, plan: list[_Planned]) -> None:
-        """Raise if a captured parameter reaches the losses outside the planned calls."""
-        planned = [PlannedCall(c.outputs, c.ins, pl.kind == "fallback", pl.serves)
-                   for pl in plan for c in self._calls[id(pl.module)]]
-        names = stray_uses(losses, planned, self._names)
-        if names:
-            raise CaptureError(stray_message(names))
+def _edge_source(e: tuple, g: Tensor, lay: Layout, b: int, k: int) -> Source:
+    """Row n (or n K + k): the gradient ``g`` of the edge restricted to example n's slice."""
+    shape = tuple(g.shape) if k == 1 else tuple(g.shape[1:])
+    mask = lay.masks(shape, b, g.device, g.dtype)  # (B, *shape)
 
-    def _check_versions(self, calls: list[_Call]) -> None:
-        for c in calls:
-            if [t._version for t in c.outputs + c.ins] != c.versions:
-                raise CaptureError("a captured module input or output was modified in place "
-                                   "after the forward (e.g. nn.ReLU(inplace=True)); the recorded "
-                                   "values are stale. Fix: use out-of-place ops (inplace=False).")
+    def seeds(r0: int, r1: int) -> Tensor:
+        if k == 1:
+            return g.unsqueeze(0) * mask[r0:r1]
+        r = torch.arange(r0, r1, device=g.device)
+        return g[r % k] * mask[r // k]
 
-    def _apply(self, m: nn.Module, kind: str, wanted: set[str], c: _Call, gs: list,
-               k: int, n: int, pgs: dict[int, ParamGrads]) -> None:
-        if len(gs) == 1:  # one output (most layers)
-            if gs[0] is None:
-                return  # this call does not influence the losses
-        elif all(g is None for g in gs):
-            return
-        else:
-            gs = [torch.zeros_like(o) if g is None else g for g, o in zip(gs, c.outputs)]
-        if k > 1:  # mode='output': grads (K, B, ...) -> rows n = b K + k; inputs repeated
-            gs = [g.movedim(0, 1).reshape(n, *g.shape[2:]) for g in gs]
-            c = _Call(*tree_map(lambda t: _repeat(t, k, n // k), (c.args, c.kwargs)),
-                      c.outputs, c.out_pos, c.ins, c.versions)
-        if kind == "rule":  # a rule serves the module's own parameters (``_parameters``)
-            for attr, f in RULES[type(m)](m, c.args, gs[0], wanted):
-                pg = pgs[id(m._parameters[attr])]
-                pg.add_dense(f) if isinstance(f, Tensor) else pg.add_outer(f)
-            return
-        from ._fallback import fallback_grads
+    return Source(e[0], e[1], math.prod(shape), seeds)
 
-        recording, self._recording = self._recording, False
-        try:
-            res = fallback_grads(m, sorted(wanted), c.args, c.kwargs, c.out_pos, gs, n)
-        finally:
-            self._recording = recording
-        for rel, g in res.items():
-            pgs[id(m.get_parameter(rel))].add_dense(g)
+
+def _internal_nodes(c: Call) -> set[object]:
+    """Autograd nodes inside a rule call: between its output node and its inputs."""
+    stop = {e[0] for e in c.in_edges}
+    out, todo = set(), [c.edges[0].node]
+    while todo:
+        node = todo.pop()
+        if node is None or node in out or node in stop:
+            continue
+        out.add(node)
+        todo.extend(child for child, _ in node.next_functions)
+    return out
 
 
 def _repeat(t: object, k: int, b: int) -> object:
@@ -392,7 +417,7 @@ def _repeat(t: object, k: int, b: int) -> object:
 
 def capture(model: nn.Module, params: object = None, mode: str = "loss",
             strategy: str | Mapping[str, str] = "auto", fallback: bool = True,
-            check: bool = True) -> Capture:
+            check: bool = True, batchnorm: str = "error") -> Capture:
     """Capture a forward pass of ``model`` for per-example gradients.
 
     Args:
@@ -400,16 +425,26 @@ def capture(model: nn.Module, params: object = None, mode: str = "loss",
         mode: 'loss' (backward of (B,) losses) or 'output' (per-example gradients of each of
             the K model outputs: the empirical NTK is ``grads.gram()`` of shape (B, K, B, K)).
         strategy: 'auto' (cost model), 'ghost' or 'materialize'; or {param/module name: ...}.
-        fallback: handle modules without a rule with torch.func; False raises
-            :class:`UnsupportedModuleError` instead.
-        check: at ``backward()``, walk the autograd graph outside the planned module calls and
-            raise :class:`CaptureError` if a captured parameter is also used as a plain tensor
-            there (its share of the gradient would be missing). Costs about 1 us per node
-            outside the layers; ``False`` skips it (only for models known to be clean).
+        fallback: parameters no closed-form rule serves (a module without a rule, a weight
+            used outside its module's call, a layer whose output couples the examples) come
+            from the exact path: batched vector-Jacobian products of the recorded graph,
+            about B times the backward of the layers involved (an :class:`ExactPathWarning`
+            names them once per model structure). False raises
+            :class:`UnsupportedModuleError` naming them instead.
+        check: walk the graph at every ``backward()`` (about 1 us per node outside the
+            rule-served layers) so that a changed structure (a parameter used differently, a
+            different loss) gets a new plan. False walks it once per module-call pattern:
+            only for models whose graph never changes at equal shapes.
+        batchnorm: 'error' (BatchNorm with batch statistics is refused: examples are
+            coupled) or 'coupled': each row is the gradient of that example's loss through
+            the batch statistics (the layers below a BatchNorm take the exact path). For
+            per-example gradients that ignore the coupling use eval-mode statistics instead.
 
-    A training loop can keep one capture open and call ``cap.rearm()`` before each step's
-    forward (the hooks are installed once; nothing is recorded between ``backward()`` and
-    ``rearm()``).
+    Every per-example tensor's layout (which dimension holds the examples) is established by
+    a probe on the first step of a model structure, never assumed: sequence-first layers,
+    shared positional inputs and losses that mix examples are all exact. A training loop can
+    keep one capture open and call ``cap.rearm()`` before each step's forward (the hooks are
+    installed once; nothing is recorded between ``backward()`` and ``rearm()``).
 
     >>> model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 1, 0, 1])
@@ -418,4 +453,5 @@ def capture(model: nn.Module, params: object = None, mode: str = "loss",
     >>> cap.backward(losses).gram().shape
     torch.Size([5, 5])
     """
-    return Capture(model, params, mode, strategy, fallback, check)
+    return Capture(model, params, mode, strategy, fallback, check, batchnorm)
+

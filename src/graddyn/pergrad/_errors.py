@@ -1,14 +1,15 @@
-"""Exceptions of the per-example gradient engine; every message names the problem and the fix."""
+"""Exceptions and warnings of the per-example gradient engine; every message names the problem
+and the fix."""
 
 from __future__ import annotations
 
 
 class UnsupportedModuleError(TypeError):
-    """A module with trainable parameters has no closed-form rule and the fallback is off.
+    """A parameter needs the exact (slow) path and ``capture(..., fallback=False)`` forbids it.
 
     Example:
         >>> with graddyn.capture(model, fallback=False) as cap:   # doctest: +SKIP
-        ...     model(x)   # raises if `model` contains e.g. an nn.LSTM
+        ...     cap.backward(losses)   # raises if e.g. an nn.LSTM has no closed-form rule
     """
 
 
@@ -16,13 +17,30 @@ class CaptureError(RuntimeError):
     """Misuse of :class:`graddyn.Capture` (wrong loss shape, nothing captured, twice, ...)."""
 
 
-def unsupported_message(module_type: str, qualname: str, param: str) -> str:
-    where = qualname or "<root module>"
+class ExactPathWarning(UserWarning):
+    """Some parameters' per-example gradients come from the exact path: batched
+    vector-Jacobian products of the recorded graph, about B times the backward of the layers
+    involved. Issued once per model structure; register a rule to make them fast."""
+
+
+def exact_path_message(reasons: dict[str, str], b: int) -> str:
+    shown = "; ".join(f"'{k}' ({v})" for k, v in list(reasons.items())[:6])
+    more = f"; and {len(reasons) - 6} more" if len(reasons) > 6 else ""
+    return (f"graddyn.capture: per-example gradients of {shown}{more} come from the exact path "
+            f"(batched vector-Jacobian products of the recorded graph: exact, but about B = {b} "
+            "times the backward of the layers between these parameters and the nearest "
+            "per-example tensors). To make a layer fast, register a closed-form rule with "
+            "graddyn.register_rule(ModuleType, rule).")
+
+
+def unsupported_message(reasons: dict[str, str]) -> str:
+    shown = "; ".join(f"'{k}' ({v})" for k, v in list(reasons.items())[:6])
     return (
-        f"graddyn.capture has no per-example rule for {module_type} at '{where}' "
-        f"(parameter '{param}') and fallback=False. Fix: pass fallback=True to compute this "
-        "module's per-example gradients with torch.func (vmap over vjp), or exclude its "
-        "parameters with capture(model, params=[...])."
+        f"graddyn.capture has no closed-form per-example rule for {shown}, and fallback=False "
+        "forbids the exact path (batched vector-Jacobian products of the recorded graph). Fix: "
+        "pass fallback=True (exact, slower for these parameters), register a rule with "
+        "graddyn.register_rule(ModuleType, rule), or exclude these parameters with "
+        "capture(model, params=[...])."
     )
 
 
@@ -30,9 +48,11 @@ def batchnorm_message(module_type: str, qualname: str) -> str:
     return (
         f"{module_type} at '{qualname or '<root module>'}' runs with batch statistics (training "
         "mode or track_running_stats=False): each example's output depends on every other "
-        "example of the batch, so per-example gradients are not defined. Fix: use eval-mode "
-        "statistics, e.g. model.eval() (or only the BatchNorm modules: "
-        "m.eval() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)) "
-        "before the forward pass inside graddyn.capture, or replace BatchNorm by "
-        "GroupNorm/LayerNorm."
+        "example of the batch. Fix: either use eval-mode statistics, e.g. model.eval() (or only "
+        "the BatchNorm modules: m.eval() for m in model.modules() if isinstance(m, "
+        "nn.modules.batchnorm._BatchNorm)) before the forward pass inside graddyn.capture, or "
+        "replace BatchNorm by GroupNorm/LayerNorm; or, to measure the gradient of each "
+        "example's loss through the coupled batch statistics (what training with this batch "
+        "does; slower for the layers below the BatchNorm), pass "
+        "graddyn.capture(model, batchnorm='coupled')."
     )

@@ -38,13 +38,24 @@ class ParamGrads:
     def shape(self) -> torch.Size:
         return self.param.shape
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the per-example gradients and their products: the parameter's, at least
+        float32 (bfloat16/half models and autocast get float32 statistics)."""
+        return torch.promote_types(self.param.dtype, torch.float32)
+
     def add_dense(self, g: Tensor) -> None:
         if g.shape[1:] != self.shape or g.shape[0] != self.n:
             g = g.reshape(self.n, *self.shape)
+        g = g if g.dtype == self.dtype else g.to(self.dtype)
         self.dense = g if self.dense is None else self.dense + g
 
     def add_outer(self, f: Outer) -> None:
-        """Add one use; a layout clash with earlier uses is resolved by materialising it."""
+        """Add one use; a layout clash with earlier uses is resolved by materialising it.
+        Factors in another dtype (bfloat16 under autocast) are cast to ``self.dtype``."""
+        dt = self.dtype
+        if f.right.dtype != dt or (not f.index and f.left.dtype != dt):
+            f = Outer(f.left if f.index else f.left.to(dt), f.right.to(dt), f.p)
         for k, old in enumerate(self.factors):
             if old.layout != f.layout:
                 self.add_dense(f.materialize())

@@ -1,31 +1,70 @@
-"""Per-example gradient rule for nn.Conv1d / nn.Conv2d via im2col (``graddyn._im2col``).
+"""Per-example gradient rules for convolutions (1-, 2-, 3-d) and transposed convolutions.
 
-With patches U = unfold(x): (N, Cin k, L) and output grads G: (N, Cout, L) (L output pixels),
-per group c (block-diagonal weight):  dW_n[c] = sum_l G[n, c, :, l] (x) U[n, c, :, l].
--> Outer(L = G^T (N, groups, L, Cout/groups), R = U^T (N, groups, L, Cin/groups k)).
-Stride, padding (ints, 'same', 'valid', non-zero padding modes) and dilation are handled by
-``patches`` (strided views and one copy, ~15x faster than ``F.unfold`` here).
+Convolution: with patches U = im2col(x): (N, Cin k, L) and output grads G: (N, Cout, L) over the
+L output positions, per group c (block-diagonal weight)
+    dW_n[c] = sum_l G[n, c, :, l] (x) U[n, c, :, l]
+    -> Outer(L = G^T (N, groups, L, Cout/g), R = U^T (N, groups, L, Cin/g k)).
+Transposed convolution (weight (Cin, Cout/g, *k)): y[o, i s + k d - p] += x[c, i] W[c, o, k],
+so dW_n[c, (o, k)] = sum_i x[n, c, i] V[n, (o, k), i] with V = im2col of the *output gradient*
+(padding p, same kernel/stride/dilation; output_padding only lengthens G)
+    -> Outer(L = x^T (N, groups, L_in, Cin/g), R = V^T (N, groups, L_in, Cout/g k)).
+Biases: sum of G over positions, (N, Cout).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from torch import Tensor, nn
 
 from .._im2col import patches
 from ._factors import Outer
-from ._rules_linear import Use
+from ._rules import RuleCall, Use, register_rule
 
 
-def conv_rule(m: nn.Conv1d | nn.Conv2d, args: tuple, g: Tensor, wanted: set[str]) -> list[Use]:
-    """Per-example weight factors and dense bias (N, Cout); see module docstring."""
+def _batched_input(m: nn.modules.conv._ConvNd, args: tuple, kwargs: dict) -> bool:
+    """An unbatched call (C, *spatial) has no example dimension: the exact path serves it."""
+    return bool(args) and args[0].dim() == len(m.kernel_size) + 2
+
+
+def _groups_last(t: Tensor, n: int, groups: int) -> Tensor:
+    """(N, C, L) -> (N, groups, L, C / groups)."""
+    return t.reshape(n, groups, -1, t.shape[-1]).transpose(2, 3)
+
+
+def conv_rule(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, call: RuleCall) -> list[Use]:
+    """Per-example weight factors and dense bias (N, Cout); see the module docstring."""
+    g = call.grad
     n, cout, groups = g.shape[0], m.out_channels, m.groups
     g = g.reshape(n, cout, -1)  # (N, Cout, L)
     uses: list[Use] = []
-    if "weight" in wanted:
-        u = patches(m, args[0])  # (N, Cin k, L), F.unfold's layout from strided views
-        u = u.view(n, groups, -1, u.shape[-1]).transpose(2, 3)  # (N, groups, L, Cin/g k)
-        gg = g.view(n, groups, cout // groups, -1).transpose(2, 3)  # (N, groups, L, Cout/g)
-        uses.append(("weight", Outer(gg, u, cout // groups)))
-    if "bias" in wanted and m.bias is not None:
+    if "weight" in call.wanted:
+        u = patches(m, call.args[0])  # (N, Cin k, L), F.unfold's layout from strided views
+        uses.append(("weight", Outer(_groups_last(g, n, groups), _groups_last(u, n, groups),
+                                     cout // groups)))
+    if "bias" in call.wanted and m.bias is not None:
         uses.append(("bias", g.sum(2)))
     return uses
+
+
+def conv_transpose_rule(m: nn.modules.conv._ConvTransposeNd, call: RuleCall) -> list[Use]:
+    """Per-example weight factors of a transposed convolution; see the module docstring."""
+    g, x = call.grad, call.args[0]
+    n, cin, groups = g.shape[0], m.in_channels, m.groups
+    uses: list[Use] = []
+    if "weight" in call.wanted:
+        geometry = SimpleNamespace(kernel_size=m.kernel_size, stride=m.stride,
+                                   dilation=m.dilation, padding=m.padding, padding_mode="zeros")
+        v = patches(geometry, g)  # (N, Cout k, L_in)
+        xl = x.reshape(n, cin, -1)  # (N, Cin, L_in)
+        uses.append(("weight", Outer(_groups_last(xl, n, groups), _groups_last(v, n, groups),
+                                     cin // groups)))
+    if "bias" in call.wanted and m.bias is not None:
+        uses.append(("bias", g.reshape(n, m.out_channels, -1).sum(2)))
+    return uses
+
+
+for _t in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_rule(_t, conv_rule, applies=_batched_input)
+for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_rule(_t, conv_transpose_rule, applies=_batched_input)
