@@ -18,12 +18,14 @@ _EXPORTS = {
     "Capture": "graddyn.pergrad",
     "BatchGrads": "graddyn.pergrad",
     "UnsupportedModuleError": "graddyn.pergrad",
+    "CaptureError": "graddyn.pergrad",
+    "register_rule": "graddyn.pergrad",
     "Probe": "graddyn.instruments",
     "Instrument": "graddyn.instruments",
 }
 _SUBMODULES = {
     "pergrad", "reference", "instruments", "interventions", "curvature", "train", "data",
-    "models", "experiments", "distributed", "influence",
+    "models", "experiments", "distributed", "influence", "integrations",
 }
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES) + ["__version__"]

@@ -17,19 +17,17 @@ exact trace that Hutchinson's estimator converges to: no Monte-Carlo error, no p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
-from graddyn.curvature._linearity import ModuleSpans, check_piecewise_linear, uses_outside_owner
+from graddyn.curvature._linearity import ModuleSpans, check_piecewise_linear
 from graddyn.curvature._operator import HessianOperator
-from graddyn.curvature._sqnorms import SqNorms, layer_sqnorms
 from graddyn.curvature._trace import TraceEstimate
+from graddyn.pergrad import ExactPathWarning
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -41,18 +39,20 @@ def exact_trace(op: HessianOperator) -> TraceEstimate:
     module docstring for the formula (a Gauss-Newton identity that holds because the
     network's second derivative in each single parameter vanishes). Raises
     :class:`NotPiecewiseLinearError` naming the module for anything else (tanh, GELU,
-    LayerNorm, training-mode BatchNorm, a layer applied twice; with ``params`` restricted to
-    the last layer any network qualifies), and ``ValueError`` for a loss that couples the
-    examples of a batch (checked on each batch with one random probe of the loss's Hessian).
-    Any loss of the outputs that sums over examples works (cross-entropy, MSE, ...).
+    LayerNorm, training-mode BatchNorm, a weight multiplied by itself; with ``params``
+    restricted to the last layer any network qualifies), and ``ValueError`` for a loss that
+    couples the examples of a batch (checked on each batch with one random probe of the
+    loss's Hessian). Any loss of the outputs that sums over examples works (cross-entropy,
+    MSE, ...). The per-example gradient norms come from the engine (``graddyn.capture``), so
+    a layer called twice, a weight also used outside its module, or a layer without a
+    closed-form rule are all served exactly.
 
     Cost per batch: one forward, ``r`` backward passes from the output to the first selected
     layer (``r = C - 1`` for softmax cross-entropy over ``C`` classes, ``D`` for MSE on ``D``
-    outputs), and per layer one per-example gradient norm per direction (Linear: ``N (p + q)``;
-    Conv: ``N L Cout Cin k`` per direction, on im2col patches built once). On the MNIST CNN and
-    the 3x256 MLP of ``benchmarks/curvature.py`` (batch 128, 10 classes) this costs about 3
-    Hutchinson probes: 1.0 s vs PyHessian's 39 s for 100 probes (CNN), 15 ms vs ~0.7 s (MLP),
-    one thread. Prefer Hutchinson when ``r`` is large (e.g. 1000 classes).
+    outputs), and per layer one per-example gradient norm per direction (the engine's ghost or
+    materialised form, whichever is cheaper). Measured against PyHessian in
+    ``docs/benchmarks_curvature.md``. Prefer Hutchinson when ``r`` is large (e.g. 1000
+    classes).
 
     Returns a :class:`TraceEstimate` with ``std_error=0``, ``num_matvecs=0``, ``converged=True``.
 
@@ -72,92 +72,38 @@ def exact_trace(op: HessianOperator) -> TraceEstimate:
     return TraceEstimate(float(total), 0.0, 0, True)
 
 
-@dataclass
-class _LayerCall:
-    name: str  # in model.named_modules()
-    label: str
-    module: nn.Module
-    args: tuple[Any, ...]
-    out: Tensor
-    version: int
-    state: dict[str, Tensor]  # the module's parameters and buffers (with children's), as used
-    wanted: list[str]  # its selected parameters
-
-
 def _batch_trace(op: HessianOperator, x: Any, y: Tensor) -> Tensor:
+    """``sum_n sum_j lambda_nj ||g_nj||^2`` on one batch: ``g_nj`` the per-example gradient of
+    ``<u_nj, f_n>``, from the per-example engine (``graddyn.capture``: its rules, tied and
+    reused weights, the exact path for anything else), one backward per direction j."""
+    from graddyn.pergrad import capture
+
     named = dict(op.model.named_parameters())
-    theta = {n: named[n].detach().requires_grad_(True) for n in op.names}
-    frozen = {n: t.detach() for n, t in named.items() if n not in theta}
-    frozen.update(op.model.named_buffers())
+    theta = {n: named[n] for n in op.names}
+    frozen = {n: p.requires_grad for n, p in theta.items()}
     spans = ModuleSpans()
-    with torch.enable_grad(), spans.record(op.model), _record_layers(op.model, theta) as calls:
-        out = functional_call(op.model, {**frozen, **theta}, (x,))
-    if not isinstance(out, Tensor) or out.ndim == 0:
-        raise ValueError(f"exact_trace needs a model that returns one (N, ...) tensor, got "
-                         f"{type(out).__name__}; use hutchinson_trace(op) instead")
-    check_piecewise_linear(out, theta, spans)
-    _check_calls(calls, out, theta, spans)
-    seeds, signs = output_hessian_factor(op.loss_fn, out, y)  # (r, N, ...), (r, N)
-    rules: list[SqNorms] = [layer_sqnorms(c.module, c.args, c.state, c.wanted) for c in calls]
-    total = torch.zeros((), dtype=torch.float64, device=out.device)
-    for j in range(len(seeds)):  # one backward per eigen-direction of the output Hessian
-        deltas = torch.autograd.grad(out, [c.out for c in calls], seeds[j],
-                                     retain_graph=j < len(seeds) - 1, allow_unused=True)
-        for rule, delta in zip(rules, deltas):
-            if delta is not None:
-                total = total + (signs[j] * rule(delta)).sum().to(torch.float64)
-    return total
-
-
-@contextmanager
-def _record_layers(model: nn.Module, theta: dict[str, Tensor]) -> Iterator[list[_LayerCall]]:
-    """Record every call of a module that owns selected parameters (input, output, state)."""
-    selected = {id(t) for t in theta.values()}
-    calls: list[_LayerCall] = []
-
-    def hook(m: nn.Module, args: tuple, _kwargs: dict, out: Any, name: str) -> None:
-        own = dict(m.named_parameters(recurse=False))
-        wanted = [k for k, p in own.items() if id(p) in selected]
-        label = f"'{name or type(model).__name__}' ({type(m).__name__})"
-        if wanted and isinstance(out, Tensor):
-            state = {**dict(m.named_parameters()), **dict(m.named_buffers())}
-            calls.append(_LayerCall(name, label, m, args, out, out._version, state, wanted))
-        elif wanted:
-            raise ValueError(f"module {label} returns {type(out).__name__}, not a tensor: "
-                             "exact_trace has no rule for it; use hutchinson_trace(op)")
-
-    handles = []
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_hook(
-            lambda m, a, k, o, name=name: hook(m, a, k, o, name), with_kwargs=True))
     try:
-        yield calls
+        for p in theta.values():
+            p.requires_grad_(True)
+        with torch.enable_grad(), spans.record(op.model), capture(op.model, op.names) as cap:
+            out = op.model(x)
+        if not isinstance(out, Tensor) or out.ndim == 0:
+            raise ValueError(f"exact_trace needs a model that returns one (N, ...) tensor, got "
+                             f"{type(out).__name__}; use hutchinson_trace(op) instead")
+        check_piecewise_linear(out, theta, spans)
+        seeds, signs = output_hessian_factor(op.loss_fn, out, y)  # (r, N, ...), (r, N)
+        total = torch.zeros((), dtype=torch.float64, device=out.device)
+        n = out.shape[0]
+        with warnings.catch_warnings():  # the exact path is exact: nothing to warn about here
+            warnings.simplefilter("ignore", ExactPathWarning)
+            for j in range(len(seeds)):  # one backward per eigen-direction of the output Hessian
+                losses = (seeds[j] * out).reshape(n, -1).sum(1)  # <u_nj, f_n>, (N,)
+                sq = cap.backward(losses, retain_graph=j < len(seeds) - 1).norms().square()
+                total = total + (signs[j] * sq).sum().to(torch.float64)
     finally:
-        for h in handles:
-            h.remove()
-
-
-def _check_calls(calls: list[_LayerCall], out: Tensor, theta: dict[str, Tensor],
-                 spans: ModuleSpans) -> None:
-    """Each selected parameter is used in exactly one recorded call, that of its module, and
-    that call's output was not overwritten: what the per-layer rules assume."""
-    owner_span: dict[str, tuple[int, int]] = {}
-    for c in calls:
-        if len(spans.by_module[id(c.module)]) > 1:
-            raise ValueError(f"module {c.label} is called more than once in one forward: its "
-                             "per-example gradients would have to add over the calls before "
-                             "squaring, which exact_trace does not do; use hutchinson_trace(op)")
-        if c.out._version != c.version:
-            raise ValueError(f"the output of module {c.label} was modified in place after the "
-                             "forward (e.g. nn.ReLU(inplace=True)); use inplace=False")
-        for attr in c.wanted:
-            owner_span[f"{c.name}.{attr}" if c.name else attr] = spans.by_module[id(c.module)][0]
-    outside = uses_outside_owner(out, theta, owner_span)
-    if outside:
-        raise ValueError(f"parameters {outside} are used outside the forward of the module that "
-                         "owns them (e.g. F.linear(x, self.fc.weight), or tied weights), where "
-                         "the per-layer rules of exact_trace do not see them; use "
-                         "hutchinson_trace(op)")
+        for name, flag in frozen.items():
+            theta[name].requires_grad_(flag)
+    return total
 
 
 def output_hessian_factor(loss_fn: LossFn, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

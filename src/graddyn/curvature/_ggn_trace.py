@@ -30,6 +30,9 @@ backward per direction.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 
-from graddyn.curvature._exact import _check_calls, _record_layers, output_hessian_factor
-from graddyn.curvature._linearity import ModuleSpans, check_piecewise_linear
+from graddyn.curvature._exact import output_hessian_factor
+from graddyn.curvature._linearity import ModuleSpans, check_piecewise_linear, uses_outside_owner
 from graddyn.curvature._matmat import as_square
 from graddyn.curvature._operator import HessianOperator
 from graddyn.curvature._trace import TraceEstimate, hutchinson_loop
@@ -144,6 +147,69 @@ class GaussNewtonForms:
         if not per_layer or len(seeds) == 0:
             return seeds.reshape(len(seeds), n, -1).detach(), signs.detach()
         return _Layers.build(calls, out, seeds, signs)
+
+
+@dataclass
+class _LayerCall:
+    name: str  # in model.named_modules()
+    label: str
+    module: nn.Module
+    args: tuple[Any, ...]
+    out: Tensor
+    version: int
+    state: dict[str, Tensor]  # the module's parameters and buffers (with children's), as used
+    wanted: list[str]  # its selected parameters
+
+
+@contextmanager
+def _record_layers(model: nn.Module, theta: dict[str, Tensor]) -> Iterator[list[_LayerCall]]:
+    """Record every call of a module that owns selected parameters (input, output, state)."""
+    selected = {id(t) for t in theta.values()}
+    calls: list[_LayerCall] = []
+
+    def hook(m: nn.Module, args: tuple, _kwargs: dict, out: Any, name: str) -> None:
+        own = dict(m.named_parameters(recurse=False))
+        wanted = [k for k, p in own.items() if id(p) in selected]
+        label = f"'{name or type(model).__name__}' ({type(m).__name__})"
+        if wanted and isinstance(out, Tensor):
+            state = {**dict(m.named_parameters()), **dict(m.named_buffers())}
+            calls.append(_LayerCall(name, label, m, args, out, out._version, state, wanted))
+        elif wanted:
+            raise ValueError(f"module {label} returns {type(out).__name__}, not a tensor: "
+                             "exact_trace has no rule for it; use hutchinson_trace(op)")
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_hook(
+            lambda m, a, k, o, name=name: hook(m, a, k, o, name), with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_calls(calls: list[_LayerCall], out: Tensor, theta: dict[str, Tensor],
+                 spans: ModuleSpans) -> None:
+    """Each selected parameter is used in exactly one recorded call, that of its module, and
+    that call's output was not overwritten: what the per-layer rules assume."""
+    owner_span: dict[str, tuple[int, int]] = {}
+    for c in calls:
+        if len(spans.by_module[id(c.module)]) > 1:
+            raise ValueError(f"module {c.label} is called more than once in one forward: its "
+                             "per-example gradients would have to add over the calls before "
+                             "squaring, which exact_trace does not do; use hutchinson_trace(op)")
+        if c.out._version != c.version:
+            raise ValueError(f"the output of module {c.label} was modified in place after the "
+                             "forward (e.g. nn.ReLU(inplace=True)); use inplace=False")
+        for attr in c.wanted:
+            owner_span[f"{c.name}.{attr}" if c.name else attr] = spans.by_module[id(c.module)][0]
+    outside = uses_outside_owner(out, theta, owner_span)
+    if outside:
+        raise ValueError(f"parameters {outside} are used outside the forward of the module that "
+                         "owns them (e.g. F.linear(x, self.fc.weight), or tied weights), where "
+                         "the per-layer rules of exact_trace do not see them; use "
+                         "hutchinson_trace(op)")
 
 
 class _Layers:

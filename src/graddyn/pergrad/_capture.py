@@ -204,7 +204,8 @@ class Capture:
         ``scale=1/B`` makes ``grads.sum()`` equal the gradient of ``losses.mean()``.
         ``p.grad`` is not touched. Cost: one backward that stops at the recorded outputs (no
         weight gradients) plus the rules; the first step of a new model structure also runs
-        the probe (two more backward passes).
+        the probe (two more backward passes). With ``retain_graph=True`` the records are kept
+        too, so ``backward`` may be called again on other losses of the same forward.
         """
         self._check_ready(losses, scale)
         self._recording = False  # a recomputing checkpoint must not record during backward
@@ -238,8 +239,11 @@ class Capture:
         if plan.exact:
             sgrads = dict(zip(map(ekey, src_edges), grads[len(rule_edges):]))
             self._exact(plan, losses, scale, sgrads, final, b, k, pgs)
-        self._calls = []
-        self._state = "done"
+        if retain_graph:  # another backward of the same forward may follow (as in autograd)
+            self._state = "retained"
+        else:
+            self._calls = []
+            self._state = "done"
         shape = (b,) if self.mode == "loss" else (b, k)
         return BatchGrads([pgs[i] for i in self._names], shape)
 
@@ -247,7 +251,7 @@ class Capture:
         if self._state == "done":
             raise CaptureError("backward() was already called on this capture and its records "
                                "were freed. Fix: capture a new forward pass for each backward.")
-        if self._state == "new" or not self._calls:
+        if self._state in ("new",) or not self._calls:
             raise CaptureError("nothing captured: call the model inside `with graddyn.capture"
                                "(model) as cap:` (with gradients enabled) before cap.backward().")
         if not isinstance(losses, Tensor):
