@@ -28,3 +28,18 @@ def test_readme_training_loop_example_runs(capsys):
     # m-coherence = |sum g|^2 / sum |g|^2 is positive
     assert all(float(line.split()[1]) > 0 for line in printed)
     assert not torch.equal(before, model[1].weight)  # it trained
+
+
+def test_readme_model_section_snippets_run(capsys, recwarn):
+    """Every python block of "Which models it runs on" runs as written, without falling back."""
+    text = README.read_text()
+    section = text[text.index("## Which models it runs on"):]
+    section = section[: section.index("\n## ", 4)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert "torch.Size([5])" in capsys.readouterr().out
+    import graddyn
+
+    assert not [w for w in recwarn if issubclass(w.category, graddyn.pergrad.ExactPathWarning)]
