@@ -88,7 +88,8 @@ def test_backward_twice_and_reuse():
     model = mlp()
     with graddyn.capture(model) as cap:
         losses = ce(model(X))
-    cap.backward(losses, retain_graph=True)
+    first = cap.backward(losses, retain_graph=True).gram()  # records kept: may run again
+    torch.testing.assert_close(cap.backward(losses).gram(), first)
     with pytest.raises(CaptureError, match="already called"):
         cap.backward(losses)
     with pytest.raises(CaptureError, match="entered once"):
