@@ -98,18 +98,18 @@ def test_backward_twice_and_reuse():
 
 
 def test_unsupported_module_without_fallback():
-    class Gate(nn.Module):
+    class Mix(nn.Module):  # a matmul with its own weight: no rule, not a broadcast
         def __init__(self):
             super().__init__()
-            self.g = nn.Parameter(torch.ones(4))
+            self.w = nn.Parameter(torch.eye(4))
 
         def forward(self, x):
-            return x * self.g
+            return x @ self.w
 
-    model = nn.Sequential(nn.Linear(5, 4), Gate(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(nn.Linear(5, 4), Mix(), nn.Linear(4, 3)).double()
     with graddyn.capture(model, fallback=False) as cap:
         losses = ce(model(X))
-    msg = r"'1\.g' \(no closed-form rule for Gate\).*fallback=True"
+    msg = r"'1\.w' \(no closed-form rule for Mix\).*fallback=True"
     with pytest.raises(UnsupportedModuleError, match=msg):
         cap.backward(losses)
 

@@ -5,6 +5,11 @@ Imported by the rule registry the first time a module from ``transformers`` is l
 
 - ``Conv1D`` (GPT-2, GPT-style models): y = x W + b with W of shape (in, out), the transpose
   of ``nn.Linear``'s: dW_n = sum_t x[n,t] (x) g[n,t] -> Outer(L = x, R = g).
+- ``FalconLinear``: ``nn.Linear``'s map written as ``x @ W.T + b``: the Linear rule.
+
+Hugging Face's own norm and embedding classes need no rule here: their ``F.layer_norm`` /
+``F.embedding`` calls are recorded as functional rule calls, and their ``weight * x_hat``
+(RMSNorm) by book-keeping (see ``graddyn.pergrad._functional`` and ``_local``).
 """
 
 from __future__ import annotations
@@ -29,3 +34,18 @@ def conv1d_rule(m: Conv1D, call: RuleCall) -> list[Use]:
     if "bias" in call.wanted and m.bias is not None:
         uses.append(("bias", g.sum(1)))
     return uses
+
+
+def _register_linear_subclasses() -> None:
+    """Subclasses of nn.Linear whose forward is the same map written by hand (Falcon's
+    ``input @ self.weight.T + self.bias``): the Linear rule serves them."""
+    from graddyn.pergrad._rules_linear import linear_rule
+
+    try:
+        from transformers.models.falcon.modeling_falcon import FalconLinear
+    except ImportError:  # an older or newer transformers without it
+        return
+    register_rule(FalconLinear, linear_rule, batch="leading")
+
+
+_register_linear_subclasses()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from weakref import WeakKeyDictionary
 
 import torch
@@ -35,12 +35,12 @@ from ._errors import (
     exact_path_message,
     unsupported_message,
 )
-from ._functional import FUNCTIONAL_LINEAR, SCOPED, FunctionalLinear, _rows_of, scope_hooks
-from ._grads import NOT_FROM_CAPTURE, output_grads
+from ._functional import as_rule_call, scope_hooks, scoped
+from ._grads import output_grads
 from ._layout import Layout
-from ._local import Source, local_grads
+from ._local import LocalGraph, book, edge_source, local_grads, losses_source
 from ._paramgrads import ParamGrads
-from ._plan import Plan, analyse, candidate_rules, jumps_of
+from ._plan import Book, Plan, analyse, candidate_rules, internal_nodes, jumps_of
 from ._record import Call, batch_pattern, edge_of, ekey, record_call, stale
 from ._rules import RuleCall, rule_for
 from ._rules_norm import is_coupled_batchnorm
@@ -138,8 +138,8 @@ class Capture:
     def _install(self) -> None:
         for m in self._hooked_modules():
             self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
-            if isinstance(m, SCOPED) and id(m) in self._owned:
-                self._handles += scope_hooks(m, self._on_linear)
+            if id(m) in self._owned and scoped(m, self._rules.get(id(m)) is not None):
+                self._handles += scope_hooks(m, self._recorder(m))
         if self.batchnorm == "error":
             for _, m in self._modules:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -174,24 +174,27 @@ class Capture:
                 call.wanted, call.rule = own, self._rules.get(id(m))
             self._calls.append(call)
 
-    def _on_linear(self, x: Tensor, w: Tensor, b: Tensor | None, out: Tensor) -> None:
-        """Record ``F.linear(x, w, b)`` inside a scoped module (``_functional``) when its
-        captured weight/bias are rows of captured parameters; else the exact path serves them."""
-        if not self._recording or not out.requires_grad:
-            return
-        wl, bl = _rows_of(w, self._captured), _rows_of(b, self._captured)
-        if (wl is None and id(w) in self._by_id and w.requires_grad) or (
-                b is not None and bl is None and b.requires_grad):
-            return  # a captured weight we cannot map: leave it to the exact path
-        wanted = ({"weight"} if wl is not None else set()) | ({"bias"} if bl is not None else set())
-        if wl is None or not wanted:
-            return
-        mod = FunctionalLinear(wl[0], wl[1], None if bl is None else bl[0],
-                               None if bl is None else bl[1])
-        call = record_call(mod, (x,), {}, out)
-        call.rule, call.wanted = FUNCTIONAL_LINEAR, wanted
-        call.tag = ("F.linear", id(wl[0]), wl[1])
-        self._calls.append(call)
+    def _recorder(self, m: nn.Module) -> Callable:
+        """What a scoped module's functional calls record (``_functional``): calls on its own
+        captured parameters (for nn.MultiheadAttention, its never-called ``out_proj``'s too)."""
+        mods = m.modules() if isinstance(m, nn.MultiheadAttention) else [m]
+        own = {id(p): a for mod in mods for a, p in mod._parameters.items()
+               if p is not None and id(p) in self._names}
+
+        def record(func: Callable, args: tuple, kwargs: dict, out: Tensor) -> None:
+            if not self._recording or not out.requires_grad:
+                return
+            found = as_rule_call(func, args, kwargs, own, self._captured)
+            if found is None:
+                return  # the graph walk finds this use: book-keeping or the exact path
+            mod, rule, wanted, inputs = found
+            call = record_call(mod, inputs, {}, out)
+            call.rule, call.wanted = rule, wanted
+            call.tag = (func.__name__, tuple(id(p) for p in mod._parameters.values()),
+                        getattr(mod, "rows", None))
+            self._calls.append(call)
+
+        return record
 
     # --- backward -----------------------------------------------------------------------
     def backward(self, losses: Tensor, scale: float = 1.0,
@@ -218,27 +221,28 @@ class Capture:
         plan, prober, final = self._plan(losses, scale)
         b = losses.shape[0]
         k = 1 if self.mode == "loss" else int(losses[0].numel())
-        n = b * k
-        keep = retain_graph or bool(plan.exact)
-        rule_edges = [(i, calls[i].edges[0]) for i, lay in plan.rules if lay != "unused"]
-        src_edges = [self._source_edge(s, final) for s in plan.sources if s.kind != "losses"]
-        edges = [e for _, e in rule_edges] + src_edges
+        keep = retain_graph or bool(plan.exact or plan.book_params or plan.book_calls)
+        rule_edges = [calls[i].edges[0] for i, lay in plan.rules if lay != "unused"]
+        refs = plan.sources + (plan.book_calls.sources if plan.book_calls else [])
+        srcs = {s: self._source_edge(s, final) for s in refs if s.kind != "losses"}
+        edges = rule_edges + list(dict.fromkeys(srcs.values()))
         if not edges:
             grads = []
         elif prober is not None and self.mode == "loss":  # the probe computed them already
             grads = [prober.grad[ekey(e)] for e in edges]
         else:
             grads = output_grads(losses, edges, self.mode, scale, keep)
-        pgs = {i: ParamGrads(name, self._by_id[i], n, strategy=self._strategy[name])
+        got = dict(zip(map(ekey, edges), grads))
+        pgs = {i: ParamGrads(name, self._by_id[i], b * k, strategy=self._strategy[name])
                for i, name in self._names.items()}
-        layouts = dict(plan.rules)
-        for (i, _), g in zip(rule_edges, grads):
-            lay = layouts[i]
+        for (i, lay), e in zip([r for r in plan.rules if r[1] != "unused"], rule_edges):
+            g = got[ekey(e)]
             if g is not None:
                 self._apply_rule(calls[i], lay, g, b, k, pgs)
-        if plan.exact:
-            sgrads = dict(zip(map(ekey, src_edges), grads[len(rule_edges):]))
-            self._exact(plan, losses, scale, sgrads, final, b, k, pgs)
+        if plan.book_calls:
+            self._book_calls(plan, losses, scale, got, srcs, pgs)
+        if plan.book_params or plan.exact:
+            self._stray(plan, losses, scale, got, srcs, b, k, pgs)
         if retain_graph:  # another backward of the same forward may follow (as in autograd)
             self._state = "retained"
         else:
@@ -292,14 +296,14 @@ class Capture:
         cache = PLANS.setdefault(self.model, {})
         plan = cache.get(key)
         if plan is not None:
-            final = w0 if (plan.sources and w0 is not None and not plan.demoted) else None
-            if final is None and any(s.kind == "node" for s in plan.sources):
+            final = w0 if plan.jumps == tuple(cand) else None
+            refs = plan.sources + (plan.book_calls.sources if plan.book_calls else [])
+            needs = any(s.kind == "node" for s in refs)
+            if final is None and needs:
                 final = walk(root, jumps_of(calls, plan.jumps), self._pos)
             return plan, None, final
-        plan, prober, final = analyse(calls, losses, scale, self._pos, self._reason)
-        if not plan.rules and not plan.exact or (
-                all(lay == "unused" for _, lay in plan.rules) and not plan.exact):
-            raise CaptureError(NOT_FROM_CAPTURE)
+        plan, prober, final = analyse(calls, losses, scale, self._pos, self._reason,
+                                      self._captured, bookkeep=self.mode == "loss")
         if plan.exact:
             reasons = {self._names[p]: r for p, r in plan.exact.items()}
             if not self.fallback:
@@ -354,63 +358,64 @@ class Capture:
             pg = pgs[id(c.module._parameters[attr])]
             pg.add_dense(f) if isinstance(f, Tensor) else pg.add_outer(f)
 
-    def _exact(self, plan: Plan, losses: Tensor, scale: float, sgrads: dict, final: Walk | None,
-               b: int, k: int, pgs: dict[int, ParamGrads]) -> None:
-        """The parameters of ``plan.exact`` from the sources (see ``_local``)."""
-        sources = []
-        for s in plan.sources:
+    def _book(self, bk: Book, losses: Tensor, scale: float, got: dict, srcs: dict,
+              internal: dict) -> dict:
+        """One book-keeping pass of a plan (``_local.book``): key -> (B, *shape), for the keys
+        it serves (parameter ids, ("call", i))."""
+        calls, b = self._calls, losses.shape[0]
+        edges, seeds = [], []
+        for s in bk.sources:
             if s.kind == "losses":
-                sources.append(_losses_source(losses, scale, b * k))
-                continue
-            e = self._source_edge(s, final)
-            g = sgrads.get(ekey(e))
-            if g is None:
-                continue
-            sources.append(_edge_source(e, g, s.layout, b, k))
-        internal = {pid: set().union(*(_internal_nodes(self._calls[i]) for i in idx))
+                edges.append((losses.grad_fn, losses.output_nr))
+                seeds.append(torch.full_like(losses, scale))
+            else:
+                e = ekey(srcs[s])
+                g = got.get(e)
+                edges.append(e)
+                seeds.append(torch.zeros(tuple(e[0]._input_metadata[e[1]].shape),
+                                         dtype=losses.dtype) if g is None else g)
+        stop = {ekey(calls[i].edges[0]): ("call", i) for i in bk.stops}
+        shapes = {**{pid: tuple(self._by_id[pid].shape) for pid in bk.targets},
+                  **{e: tuple(calls[i].outputs[0].shape) for e, (_, i) in stop.items()}}
+        final = {next((e for e, k in stop.items() if k == key), key): lays
+                 for key, lays in bk.final.items()}
+        graph = LocalGraph(edges, set(bk.targets), internal, set(stop))
+        got_book = book(graph, seeds, bk.layouts, final, b, shapes)
+        return {stop.get(k, k): v for k, v in got_book.items() if stop.get(k, k) in bk.keys}
+
+    def _book_calls(self, plan: Plan, losses: Tensor, scale: float, got: dict, srcs: dict,
+                    pgs: dict[int, ParamGrads]) -> None:
+        """Rule calls whose output is shared by the examples: their per-example output
+        gradients from book-keeping, then their rules on inputs repeated per example."""
+        b = losses.shape[0]
+        for (_, i), g in self._book(plan.book_calls, losses, scale, got, srcs, {}).items():
+            c = self._calls[i]
+            x = c.args[0]
+            args = (x.unsqueeze(0).expand(b, *x.shape), *c.args[1:])
+            for attr, f in c.rule.fn(c.module, RuleCall(args, c.kwargs, g, c.wanted)):
+                pg = pgs[id(c.module._parameters[attr])]
+                pg.add_dense(f) if isinstance(f, Tensor) else pg.add_outer(f)
+
+    def _stray(self, plan: Plan, losses: Tensor, scale: float, got: dict, srcs: dict, b: int,
+               k: int, pgs: dict[int, ParamGrads]) -> None:
+        """Parameters no rule serves: by book-keeping where the plan validated it, the others
+        by the exact path (``_local``)."""
+        internal = {pid: set().union(*(internal_nodes(self._calls[i]) for i in idx))
                     for pid, idx in plan.internal.items()}
-        params = {pid: self._by_id[pid] for pid in plan.exact}
-        for pid, g in local_grads(sources, params, internal, b * k).items():
-            pgs[pid].add_dense(g)
-
-
-def _losses_source(losses: Tensor, scale: float, rows: int) -> Source:
-    """Row r: ``scale`` on entry r of the (flattened) losses."""
-    shape = tuple(losses.shape)
-
-    def seeds(r0: int, r1: int) -> Tensor:
-        eye = torch.zeros(r1 - r0, rows, dtype=losses.dtype, device=losses.device)
-        eye[torch.arange(r1 - r0), torch.arange(r0, r1)] = scale
-        return eye.reshape(r1 - r0, *shape)
-
-    return Source(losses.grad_fn, losses.output_nr, rows, seeds)
-
-
-def _edge_source(e: tuple, g: Tensor, lay: Layout, b: int, k: int) -> Source:
-    """Row n (or n K + k): the gradient ``g`` of the edge restricted to example n's slice."""
-    shape = tuple(g.shape) if k == 1 else tuple(g.shape[1:])
-    mask = lay.masks(shape, b, g.device, g.dtype)  # (B, *shape)
-
-    def seeds(r0: int, r1: int) -> Tensor:
-        if k == 1:
-            return g.unsqueeze(0) * mask[r0:r1]
-        r = torch.arange(r0, r1, device=g.device)
-        return g[r % k] * mask[r // k]
-
-    return Source(e[0], e[1], math.prod(shape), seeds)
-
-
-def _internal_nodes(c: Call) -> set[object]:
-    """Autograd nodes inside a rule call: between its output node and its inputs."""
-    stop = {e[0] for e in c.in_edges}
-    out, todo = set(), [c.edges[0].node]
-    while todo:
-        node = todo.pop()
-        if node is None or node in out or node in stop:
-            continue
-        out.add(node)
-        todo.extend(child for child, _ in node.next_functions)
-    return out
+        if plan.book_params:
+            for pid, g in self._book(plan.book_params, losses, scale, got, srcs,
+                                     internal).items():
+                pgs[pid].add_dense(g)
+        if plan.exact:
+            sources = []
+            for s in plan.sources:
+                if s.kind == "losses":
+                    sources.append(losses_source(losses, scale, b * k))
+                elif got.get(ekey(srcs[s])) is not None:
+                    sources.append(edge_source(srcs[s], got[ekey(srcs[s])], s.layout, b, k))
+            params = {pid: self._by_id[pid] for pid in plan.exact}
+            for pid, g in local_grads(sources, params, internal, b * k).items():
+                pgs[pid].add_dense(g)
 
 
 def _repeat(t: object, k: int, b: int) -> object:

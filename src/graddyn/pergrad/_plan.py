@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ._errors import CaptureError
+from ._grads import NOT_FROM_CAPTURE
 from ._layout import Layout, find_layout, probe_seeds
 from ._record import Call, ekey
 from ._walk import Walk, walk
@@ -48,13 +50,28 @@ class SourceRef:
 
 
 @dataclass
+class Book:
+    """A validated book-keeping pass (``_local.book``): its sources, where the examples lie at
+    each reduction and in each whole arrival at a key (a parameter id, or ("call", i) for
+    the output of call i), and the keys whose per-example result it serves."""
+
+    sources: list[SourceRef]
+    layouts: list[Layout | None]
+    final: dict[object, list[Layout]]
+    keys: set
+    targets: frozenset[int] = frozenset()  # the graph's parameter targets, as validated
+    stops: tuple[int, ...] = ()  # the graph's stop calls, as validated
+
+
+@dataclass
 class Plan:
     rules: list[tuple[int, Layout | str]]  # active rule calls: (call index, output layout)
-    exact: dict[int, str]  # id(param) -> why it takes the exact path
-    sources: list[SourceRef] = field(default_factory=list)
+    exact: dict[int, str]  # id(param) -> why it takes the (vmapped) exact path
+    sources: list[SourceRef] = field(default_factory=list)  # of the stray parameters
     internal: dict[int, list[int]] = field(default_factory=dict)  # id(param) -> rule calls
     jumps: tuple[int, ...] = ()  # the rule calls the final walk jumps past
-    demoted: bool = False
+    book_params: Book | None = None  # stray parameters served by book-keeping
+    book_calls: Book | None = None  # rule calls whose output is shared by the examples
 
 
 def jumps_of(calls: list[Call], active: set[int] | list[int]) -> dict[Node, list[Edge]]:
@@ -100,6 +117,19 @@ class Prober:
         self.layout: dict[Edge, Layout | str | None] = {}
         self.grad: dict[Edge, Tensor | None] = {}
 
+    def seed_grad(self, e: Edge, lay: Layout | None = None) -> Tensor:
+        """The probed gradient of edge ``e`` for the seed of ones, or (``lay`` given) for the
+        seed ``v``: the same gradient scaled by ``v_n`` on example n's slice."""
+        if e[0] is self.losses.grad_fn and e[1] == self.losses.output_nr:
+            g = torch.full_like(self.losses, self.scale)
+        else:
+            g = self.grad[e]
+        if lay is None:
+            return g
+        shape = [1] * g.ndim
+        shape[lay.dim] = g.shape[lay.dim]
+        return g * self.v[lay.row_example(self.b, g.device)].reshape(shape).to(g.dtype)
+
     def run(self, edges: list[Edge]) -> None:
         edges = [e for e in dict.fromkeys(edges) if e not in self.layout]
         if not edges:
@@ -138,15 +168,20 @@ def _consumers(w: Walk, params: set[int]) -> list[Node]:
     return [node for pid in params for node, _ in w.stray.get(pid, ())]
 
 
-def frontier(w: Walk, params: set[int], prober: Prober, root: Edge
+def _starts(w: Walk, nodes: list[Node], root: Edge) -> list[Edge]:
+    """The edges out of ``nodes`` that their consumers read (the root's own edge for it)."""
+    out = [root for n in nodes if n is root[0]]
+    return out + [(n, nr) for n in nodes for _, nr in w.parents.get(n, ())]
+
+
+def frontier(w: Walk, starts: list[Edge], prober: Prober, root: Edge
              ) -> tuple[dict[Edge, Layout], set[Edge]]:
-    """Lowest per-example edges above every stray use of ``params`` ({edge: layout}), and the
-    edges met on the way that were never probed."""
+    """The lowest per-example edges at or above ``starts`` on every path up to the losses
+    ({edge: layout}), and the edges met on the way that were never probed."""
     sources: dict[Edge, Layout] = {}
     missing: set[Edge] = set()
     seen: set[Edge] = set()
-    todo: list[Edge] = [(n, nr) for n in _consumers(w, params) for _, nr in w.parents.get(n, ())]
-    todo += [root for n in _consumers(w, params) if n is root[0]]
+    todo = list(starts)
     while todo:
         e = todo.pop()
         if e in seen:
@@ -165,16 +200,88 @@ def frontier(w: Walk, params: set[int], prober: Prober, root: Edge
             missing.add(e)
         node, nr = e
         for parent, pnr in w.parents.get(node, ()):
-            if pnr != nr:
-                continue
-            if parent is root[0]:
-                todo.append(root)
-            todo.extend((parent, q) for _, q in w.parents.get(parent, ()))
+            if pnr == nr:
+                todo.extend(_starts(w, [parent], root))
     return sources, missing
 
 
+def _converge(calls: list[Call], root: Edge, prober: Prober, captured: dict[int, int],
+              active: set[int], extra: list[int], kept: frozenset[int] = frozenset()
+              ) -> tuple[Walk, set[int]]:
+    """Demote rule calls until every active one reads per-example output gradients; probe
+    the edges the frontiers of the stray uses (and above the outputs of the calls ``extra``)
+    need. Calls in ``kept`` (book-kept) are jumped and never demoted."""
+    out_nodes = {e.node for c in calls for e in c.edges}
+    rounds = 0
+    while True:
+        w = walk(root[0], jumps_of(calls, active | kept), captured, parents=True)
+        todo = [ekey(e) for c in calls for e in c.edges]
+        todo += _upward(w, _consumers(w, set(w.stray)), out_nodes, MAX_UPWARD_EDGES)
+        prober.run(todo)
+        demote = {i for i in active if not acceptable(
+            calls[i], prober.layout.get(ekey(calls[i].edges[0])), prober.b)}
+        if demote:
+            active = active - demote
+            continue
+        starts = _starts(w, _consumers(w, set(w.stray)), root)
+        starts += [ekey(calls[i].edges[0]) for i in extra]
+        _, missing = frontier(w, starts, prober, root)
+        if missing and rounds < MAX_PROBE_ROUNDS:
+            rounds += 1
+            prober.run(list(missing))
+            continue
+        return w, active
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    tol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(b.dtype, 5e-2)  # a wrong split: O(1)
+    return float((a - b).abs().max()) <= tol * max(float(b.abs().max()), 1e-30)
+
+
+def _bookkeeping(sources: dict[Edge, Layout], prober: Prober, calls: list[Call],
+                 targets: set[int], stops: list[int], internal: dict[int, set[Node]],
+                 params: dict[int, Tensor]) -> tuple[list, dict, set]:
+    """Learn a book-keeping pass from ``sources`` to ``targets`` (param ids) and the outputs
+    of the calls ``stops``, and check it against the exact path on this step: (layouts,
+    final, keys it serves); nothing if it cannot separate the examples."""
+    from ._local import (
+        LocalGraph,
+        NotSeparable,
+        book,
+        edge_source,
+        learn_book,
+        local_grads,
+        losses_source,
+    )
+
+    srcs = list(sources)
+    stop_edge = {ekey(calls[i].edges[0]): i for i in stops}
+    shapes = {**{pid: tuple(params[pid].shape) for pid in targets},
+              **{e: tuple(calls[i].outputs[0].shape) for e, i in stop_edge.items()}}
+    graph = LocalGraph(srcs, targets, internal, set(stop_edge))
+    g1 = [prober.seed_grad(e) for e in srcs]
+    gv = [prober.seed_grad(e, sources[e]) for e in srcs]
+    try:
+        layouts, final = learn_book(graph, g1, gv, prober.v, shapes)
+        got = book(graph, g1, layouts, final, prober.b, shapes)
+    except NotSeparable:
+        return [], {}, set()
+    exact_src = [losses_source(prober.losses, prober.scale, prober.b)
+                 if e[0] is prober.losses.grad_fn and e[1] == prober.losses.output_nr
+                 else edge_source(e, g, sources[e], prober.b, 1) for e, g in zip(srcs, g1)]
+    exact = local_grads(exact_src, {p: params[p] for p in targets}, internal, prober.b,
+                        {e: shapes[e] for e in stop_edge})
+    keys = {k for k in got if k in exact and _close(got[k], exact[k])}
+
+    def name(k: object) -> object:
+        return ("call", stop_edge[k]) if k in stop_edge else k
+
+    return layouts, {name(k): v for k, v in final.items()}, {name(k) for k in keys}
+
+
 def analyse(calls: list[Call], losses: Tensor, scale: float, captured: dict[int, int],
-            reason: Callable[[int, set[int], set[int]], str]) -> tuple[Plan, Prober, Walk]:
+            reason: Callable[[int, set[int], set[int]], str], params: dict[int, Tensor],
+            bookkeep: bool = True) -> tuple[Plan, Prober, Walk]:
     """The plan for this step's graph (see the module docstring), the prober (whose gradients
     for the seed of ones the engine reuses) and the final walk (for node positions)."""
     from ._record import edge_of
@@ -182,29 +289,49 @@ def analyse(calls: list[Call], losses: Tensor, scale: float, captured: dict[int,
     root = ekey(edge_of(losses))
     prober = Prober(losses, scale)
     cand = candidate_rules(calls)
-    active = set(cand)
-    out_nodes = {c.edges[k].node for c in calls for k in range(len(c.edges))}
-    rounds = 0
-    while True:
-        w = walk(root[0], jumps_of(calls, active), captured, parents=True)
-        stray = set(w.stray)
-        todo = [ekey(e) for c in calls for e in c.edges]
-        todo += _upward(w, _consumers(w, stray), out_nodes, MAX_UPWARD_EDGES)
-        prober.run(todo)
-        demote = {i for i in active if not acceptable(
-            calls[i], prober.layout.get(ekey(calls[i].edges[0])), prober.b)}
-        if demote:
-            active -= demote
-            continue
-        sources, missing = frontier(w, stray, prober, root)
-        if missing and rounds < MAX_PROBE_ROUNDS:
-            rounds += 1
-            prober.run(list(missing))
-            continue
-        break
+    w, active = _converge(calls, root, prober, captured, set(cand), [])
     demoted = set(cand) - active
+    book_calls = None
+    eligible = sorted(i for i in demoted if calls[i].rule.batch_of(calls[i].module) == "leading")
+    if bookkeep and eligible:
+        w, _ = _converge(calls, root, prober, captured, active, eligible)
+        call_sources, _ = frontier(w, [ekey(calls[i].edges[0]) for i in eligible], prober, root)
+        layouts, final, keys = _bookkeeping(call_sources, prober, calls, set(), eligible, {},
+                                            params)
+        kept = frozenset(i for _, i in keys)
+        if kept:
+            w, active = _converge(calls, root, prober, captured, active, [], kept)
+            book_calls = Book(_refs(call_sources, root, calls, w), layouts, final, set(keys),
+                              frozenset(), tuple(eligible))
+    kept_calls = {i for _, i in book_calls.keys} if book_calls else set()
+    stray = set(w.stray)
+    jumps = active | kept_calls
+    internal_idx = {pid: [i for i in sorted(jumps) if _owns(calls[i], pid)] for pid in stray}
+    sources, _ = frontier(w, _starts(w, _consumers(w, stray), root), prober, root)
+    book_params = None
+    if bookkeep and stray:
+        internal = {pid: set().union(*(internal_nodes(calls[i]) for i in idx))
+                    for pid, idx in internal_idx.items()}
+        layouts, final, keys = _bookkeeping(sources, prober, calls, stray, [], internal, params)
+        if keys:
+            book_params = Book(_refs(sources, root, calls, w), layouts, final, keys,
+                               frozenset(stray))
+    served = book_params.keys if book_params else set()
     rules = [(i, prober.layout[ekey(calls[i].edges[0])]) for i in sorted(active)]
-    exact = {pid: reason(pid, active, demoted) for pid in sorted(stray, key=captured.get)}
+    exact = {pid: reason(pid, active, demoted - kept_calls)
+             for pid in sorted(stray - served, key=captured.get)}
+    if all(lay == "unused" for _, lay in rules) and not (exact or kept_calls or served):
+        raise CaptureError(NOT_FROM_CAPTURE)
+    if book_calls:  # the node positions of its sources in the final walk
+        book_calls.sources = _refs(call_sources, root, calls, w)
+    plan = Plan(rules, exact, _refs(sources, root, calls, w),
+                {k: v for k, v in internal_idx.items() if v}, tuple(sorted(jumps)),
+                book_params=book_params, book_calls=book_calls)
+    return plan, prober, w
+
+
+def _refs(sources: dict[Edge, Layout], root: Edge, calls: list[Call], w: Walk
+          ) -> list[SourceRef]:
     call_edge = {ekey(e): (i, k) for i, c in enumerate(calls) for k, e in enumerate(c.edges)}
     refs = []
     for e, lay in sources.items():
@@ -214,10 +341,20 @@ def analyse(calls: list[Call], losses: Tensor, scale: float, captured: dict[int,
             refs.append(SourceRef("call", lay, *call_edge[e]))
         else:
             refs.append(SourceRef("node", lay, w.index_of(e[0]), e[1]))
-    internal = {pid: [i for i in sorted(active) if _owns(calls[i], pid)] for pid in stray}
-    plan = Plan(rules, exact, refs, {k: v for k, v in internal.items() if v},
-                tuple(sorted(active)), bool(demoted))
-    return plan, prober, w
+    return refs
+
+
+def internal_nodes(c: Call) -> set[object]:
+    """Autograd nodes inside a rule call: between its output node and its inputs."""
+    stop = {e.node for e in c.in_edges}
+    out, todo = set(), [c.edges[0].node]
+    while todo:
+        node = todo.pop()
+        if node is None or node in out or node in stop:
+            continue
+        out.add(node)
+        todo.extend(child for child, _ in node.next_functions)
+    return out
 
 
 def _owns(call: Call, pid: int) -> bool:
