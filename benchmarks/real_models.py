@@ -10,7 +10,8 @@ mean-loss gradient in ``p.grad`` and the per-example statistic (B x B Gram or B 
 ``plain`` is the step alone (forward + backward of the mean loss). Methods take turns inside
 each repeat (plain, graddyn, peers, plain, ...), so machine drift hits all alike; the table
 gives the median time over repeats and its ratio to plain's median. Models run in eval mode
-(dropout off: torch.func cannot draw dropout masks under vmap), float32, random data.
+with dropout set to 0 (torch.func cannot draw dropout masks under vmap; Opacus records only
+in train mode), the ResNet in eval mode (BatchNorm statistics), float32, random data.
 ``--memory`` runs each method once more in a fresh process and reports its peak resident
 memory above the model-and-data baseline. A peer that fails prints its error.
 
@@ -123,47 +124,55 @@ class LSTMClassifier(nn.Module):
         return self.head(out.mean(1))
 
 
+def _no_dropout(config: object) -> object:
+    for k in list(config.to_dict()):
+        if isinstance(getattr(config, k, None), float) and ("dropout" in k or "pdrop" in k
+                                                            or "drop_prob" in k):
+            setattr(config, k, 0.0)
+    return config
+
+
 def build(name: str, size: str) -> Batch:
-    """The benchmark case ``name`` at ``size`` (float32, eval mode, seed 0)."""
+    """The benchmark case ``name`` at ``size`` (float32, dropout 0, seed 0)."""
     torch.manual_seed(0)
     tiny = size == "tiny"
     b, t, d, layers, vocab = (32, 64, 64, 2, 1000) if tiny else (16, 128, 512, 6, 8192)
     import transformers as tr
 
     if name == "gpt2":
-        m = tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=d, n_layer=layers, n_head=2 if tiny else 8,
-                                             vocab_size=vocab, n_positions=t))
-        return _lm_case(m.eval(), b, t, vocab)
+        m = tr.GPT2LMHeadModel(_no_dropout(tr.GPT2Config(
+            n_embd=d, n_layer=layers, n_head=2 if tiny else 8, vocab_size=vocab, n_positions=t)))
+        return _lm_case(m, b, t, vocab)
     if name == "llama":
-        m = tr.LlamaForCausalLM(tr.LlamaConfig(
+        m = tr.LlamaForCausalLM(_no_dropout(tr.LlamaConfig(
             hidden_size=d, intermediate_size=(172 if tiny else 1376), num_hidden_layers=layers,
             num_attention_heads=2 if tiny else 8, num_key_value_heads=2 if tiny else 8,
-            vocab_size=vocab, max_position_embeddings=t))
-        return _lm_case(m.eval(), b, t, vocab)
+            vocab_size=vocab, max_position_embeddings=t)))
+        return _lm_case(m, b, t, vocab)
     if name == "vit":
         hd, patch = (64, 8) if tiny else (384, 4)
-        m = tr.ViTForImageClassification(tr.ViTConfig(
+        m = tr.ViTForImageClassification(_no_dropout(tr.ViTConfig(
             hidden_size=hd, num_hidden_layers=layers, num_attention_heads=2 if tiny else 6,
-            intermediate_size=4 * hd, image_size=32, patch_size=patch, num_labels=10))
-        return _cls_case(m.eval(), torch.randn(b, 3, 32, 32), 10, "pixel_values")
+            intermediate_size=4 * hd, image_size=32, patch_size=patch, num_labels=10)))
+        return _cls_case(m, torch.randn(b, 3, 32, 32), 10, "pixel_values")
     if name == "resnet":
         m = ResNet([16, 32, 64], 1) if tiny else ResNet([64, 128, 256, 512], 2)
         return _cls_case(m.eval(), torch.randn(b, 3, 32, 32), 10)
     if name == "lstm":
-        return _cls_case(LSTMClassifier(vocab, d).eval(), torch.randint(0, vocab, (b, t)), 4)
+        return _cls_case(LSTMClassifier(vocab, d), torch.randint(0, vocab, (b, t)), 4)
     if name == "encoder_layer":
-        m = nn.Sequential(nn.TransformerEncoderLayer(d, 2, 4 * d, batch_first=True),
+        m = nn.Sequential(nn.TransformerEncoderLayer(d, 2, 4 * d, dropout=0.0, batch_first=True),
                           nn.Flatten(), nn.Linear(t * d, 4))
-        return _cls_case(m.eval(), torch.randn(b, t, d), 4, "input")
+        return _cls_case(m, torch.randn(b, t, d), 4, "input")
     if name == "conv3d":
         m = nn.Sequential(nn.Conv3d(1, 8, 3), nn.ReLU(), nn.Conv3d(8, 16, 3), nn.ReLU(),
                           nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(16, 4))
-        return _cls_case(m.eval(), torch.randn(b, 1, 12, 12, 12), 4, "input")
+        return _cls_case(m, torch.randn(b, 1, 12, 12, 12), 4, "input")
     if name == "seqcls":
         sys.path.insert(0, __file__.rsplit("/", 1)[0])
         from pergrad import SeqClassifier
 
-        return _cls_case(SeqClassifier().eval(), torch.randint(0, 1000, (b, t)), 2, "ids")
+        return _cls_case(SeqClassifier(), torch.randint(0, 1000, (b, t)), 2, "ids")
     raise ValueError(f"unknown model {name!r}; tiny: {TINY}, medium: {MEDIUM}")
 
 
@@ -323,8 +332,9 @@ def report(name: str, size: str, res: dict, mem: dict) -> None:
         peers = {k: v for k, v in t.items() if k.endswith(stat) and not k.startswith("graddyn")}
         if f"graddyn_{stat}" in t and peers:
             best = min(peers, key=peers.get)
-            print(f"graddyn {stat}: {t[f'graddyn_{stat}'] / plain:.2f}x plain; fastest peer "
-                  f"{best} {peers[best] / plain:.2f}x; graddyn {peers[best] / t[f'graddyn_{stat}']:.2f}x faster")
+            ours = t[f"graddyn_{stat}"]
+            print(f"graddyn {stat}: {ours / plain:.2f}x plain; fastest peer {best} "
+                  f"{peers[best] / plain:.2f}x; graddyn {peers[best] / ours:.2f}x faster")
 
 
 def main() -> None:

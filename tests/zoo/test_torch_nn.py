@@ -72,17 +72,30 @@ def test_multihead_attention(exact, bf, t, kind):
 
 @pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN])
 @pytest.mark.parametrize("bf", [True, False], ids=["batch_first", "seq_first"])
-@pytest.mark.parametrize("layers, bi", [(1, False), (2, True)], ids=["1layer", "2layer-bi"])
-def test_recurrent(exact, cell, bf, layers, bi):
-    rnn = cell(D, 5, num_layers=layers, bidirectional=bi, batch_first=bf, dropout=0.3).train()
+@pytest.mark.parametrize("layers, bi, train", [(1, False, True), (2, True, False),
+                                               (2, True, True)],
+                         ids=["1layer", "2layer-bi", "2layer-bi-dropout"])
+def test_recurrent(exact, cell, bf, layers, bi, train):
+    """The recurrent rule (a step-by-step recomputation); with inter-layer dropout in train
+    mode (masks drawn inside the fused kernel) the exact path."""
+    rnn = cell(D, 5, num_layers=layers, bidirectional=bi, batch_first=bf,
+               dropout=0.3 if layers > 1 else 0.0).train(train)
     x, y = inputs(B, bf)  # T == B
+    h0 = torch.randn(layers * (2 if bi else 1), B, 5, generator=torch.Generator().manual_seed(4))
 
     def loss(m):
-        out, h = m(x)
+        out, h = m(x, (h0, h0) if cell is nn.LSTM else h0)
         h = h[0] if isinstance(h, tuple) else h
         return seq_loss(out, y, bf) + h[-1].sum(1)  # the sequence and the last hidden state
 
-    exact(rnn, loss)
+    slow = None if (layers > 1 and train) else set()  # None: some or all via the exact path
+    exact(rnn, loss, exact_path=slow, strategies=("auto", "ghost", "materialize"))
+
+
+def test_lstm_projection_and_out_only(exact):
+    rnn = nn.LSTM(D, 5, proj_size=3, num_layers=2)
+    x, y = inputs(5, False)
+    exact(rnn, lambda m: seq_loss(m(x)[0], y, False), exact_path=set())
 
 
 def test_lstm_projection_and_packed_sequences(exact):

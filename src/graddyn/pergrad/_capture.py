@@ -222,7 +222,8 @@ class Capture:
         b = losses.shape[0]
         k = 1 if self.mode == "loss" else int(losses[0].numel())
         keep = retain_graph or bool(plan.exact or plan.book_params or plan.book_calls)
-        rule_edges = [calls[i].edges[0] for i, lay in plan.rules if lay != "unused"]
+        rule_edges = [e for i, lays in plan.rules for e, lay in zip(calls[i].edges, lays)
+                      if lay != "unused"]
         refs = plan.sources + (plan.book_calls.sources if plan.book_calls else [])
         srcs = {s: self._source_edge(s, final) for s in refs if s.kind != "losses"}
         edges = rule_edges + list(dict.fromkeys(srcs.values()))
@@ -235,10 +236,11 @@ class Capture:
         got = dict(zip(map(ekey, edges), grads))
         pgs = {i: ParamGrads(name, self._by_id[i], b * k, strategy=self._strategy[name])
                for i, name in self._names.items()}
-        for (i, lay), e in zip([r for r in plan.rules if r[1] != "unused"], rule_edges):
-            g = got[ekey(e)]
-            if g is not None:
-                self._apply_rule(calls[i], lay, g, b, k, pgs)
+        for i, lays in plan.rules:
+            gs = [None if lay == "unused" else got[ekey(e)] for e, lay in zip(calls[i].edges,
+                                                                            lays)]
+            if any(g is not None for g in gs):
+                self._apply_rule(calls[i], lays, gs, b, k, pgs)
         if plan.book_calls:
             self._book_calls(plan, losses, scale, got, srcs, pgs)
         if plan.book_params or plan.exact:
@@ -288,7 +290,7 @@ class Capture:
         """The cached plan of this graph's structure, or a new one (with its prober)."""
         calls = self._calls
         root = edge_of(losses).node
-        cand = candidate_rules(calls)
+        cand = candidate_rules(calls, self.mode)
         w0 = walk(root, jumps_of(calls, cand), self._pos) if self.check else None
         key = (self.mode, tuple(losses.shape[1:]), losses.shape[0] == 1,
                batch_pattern(calls, losses.shape[0]), tuple(cand), tuple(self._names),
@@ -329,6 +331,8 @@ class Capture:
                     "coupling them")
         if not mine:
             return f"used outside a call of its {where}"
+        if not any(i in active for i in mine):
+            return f"the {where} rule does not serve this call (see its conditions)"
         return f"also used outside its {where}'s call"
 
     def _source_edge(self, s: object, final: Walk | None) -> tuple:
@@ -338,9 +342,16 @@ class Capture:
 
         return GradientEdge(final.nodes[s.i], s.j)
 
-    def _apply_rule(self, c: Call, lay: Layout, g: Tensor, b: int, k: int,
+    def _apply_rule(self, c: Call, lays: list, gs: list, b: int, k: int,
                     pgs: dict[int, ParamGrads]) -> None:
         args, kwargs = c.args, c.kwargs
+        if c.rule.accepts is not None:  # a rule of several outputs reads them as they are
+            g0 = next(g for g in gs if g is not None)
+            for attr, f in c.rule.fn(c.module, RuleCall(args, kwargs, g0, c.wanted, gs)):
+                pg = pgs[id(c.module._parameters[attr])]
+                pg.add_dense(f) if isinstance(f, Tensor) else pg.add_outer(f)
+            return
+        lay, g = lays[0], gs[0]
         leading = c.rule.batch_of(c.module) == "leading"
         if k == 1:
             if leading and not lay.is_first:

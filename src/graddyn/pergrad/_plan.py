@@ -65,7 +65,7 @@ class Book:
 
 @dataclass
 class Plan:
-    rules: list[tuple[int, Layout | str]]  # active rule calls: (call index, output layout)
+    rules: list[tuple[int, list]]  # active rule calls: (call index, layout of each output)
     exact: dict[int, str]  # id(param) -> why it takes the (vmapped) exact path
     sources: list[SourceRef] = field(default_factory=list)  # of the stray parameters
     internal: dict[int, list[int]] = field(default_factory=dict)  # id(param) -> rule calls
@@ -75,23 +75,33 @@ class Plan:
 
 
 def jumps_of(calls: list[Call], active: set[int] | list[int]) -> dict[Node, list[Edge]]:
-    """Walk jumps of the given rule calls: output node -> input edges."""
-    return {calls[i].edges[0].node: [ekey(e) for e in calls[i].in_edges] for i in active}
+    """Walk jumps of the given rule calls: each output node -> the call's input edges."""
+    return {e.node: [ekey(x) for x in calls[i].in_edges] for i in active for e in calls[i].edges}
 
 
-def candidate_rules(calls: list[Call]) -> list[int]:
-    """Calls a rule may serve: a rule, captured own parameters, one output, ``applies``."""
+def candidate_rules(calls: list[Call], mode: str = "loss") -> list[int]:
+    """Calls a rule may serve: a rule, captured own parameters, one output (or a rule that
+    reads several, in mode 'loss'), ``applies``."""
     out = []
     for i, c in enumerate(calls):
         r = c.rule
-        if r is not None and c.wanted and len(c.outputs) == 1 and (
+        outputs_ok = len(c.outputs) == 1 or (r is not None and r.accepts is not None
+                                             and mode == "loss")
+        if r is not None and c.wanted and outputs_ok and (
                 r.applies is None or r.applies(c.module, c.args, c.kwargs)):
             out.append(i)
     return out
 
 
-def acceptable(call: Call, lay: Layout | str | None, b: int) -> bool:
-    """Can the call's rule read example n's gradient from the output layout ``lay``?"""
+def layouts_of(call: Call, prober: Prober) -> list:
+    return [prober.layout.get(ekey(e)) for e in call.edges]
+
+
+def acceptable(call: Call, layouts: list) -> bool:
+    """Can the call's rule read example n's gradient from its outputs' layouts?"""
+    if call.rule.accepts is not None:
+        return bool(call.rule.accepts(call.module, layouts))
+    lay = layouts[0]
     if lay == "unused":
         return True
     if not isinstance(lay, Layout):
@@ -218,8 +228,7 @@ def _converge(calls: list[Call], root: Edge, prober: Prober, captured: dict[int,
         todo = [ekey(e) for c in calls for e in c.edges]
         todo += _upward(w, _consumers(w, set(w.stray)), out_nodes, MAX_UPWARD_EDGES)
         prober.run(todo)
-        demote = {i for i in active if not acceptable(
-            calls[i], prober.layout.get(ekey(calls[i].edges[0])), prober.b)}
+        demote = {i for i in active if not acceptable(calls[i], layouts_of(calls[i], prober))}
         if demote:
             active = active - demote
             continue
@@ -288,11 +297,12 @@ def analyse(calls: list[Call], losses: Tensor, scale: float, captured: dict[int,
 
     root = ekey(edge_of(losses))
     prober = Prober(losses, scale)
-    cand = candidate_rules(calls)
+    cand = candidate_rules(calls, "loss" if bookkeep else "output")
     w, active = _converge(calls, root, prober, captured, set(cand), [])
     demoted = set(cand) - active
     book_calls = None
-    eligible = sorted(i for i in demoted if calls[i].rule.batch_of(calls[i].module) == "leading")
+    eligible = sorted(i for i in demoted if calls[i].rule.batch_of(calls[i].module) == "leading"
+                      and len(calls[i].outputs) == 1)
     if bookkeep and eligible:
         w, _ = _converge(calls, root, prober, captured, active, eligible)
         call_sources, _ = frontier(w, [ekey(calls[i].edges[0]) for i in eligible], prober, root)
@@ -317,10 +327,11 @@ def analyse(calls: list[Call], losses: Tensor, scale: float, captured: dict[int,
             book_params = Book(_refs(sources, root, calls, w), layouts, final, keys,
                                frozenset(stray))
     served = book_params.keys if book_params else set()
-    rules = [(i, prober.layout[ekey(calls[i].edges[0])]) for i in sorted(active)]
+    rules = [(i, layouts_of(calls[i], prober)) for i in sorted(active)]
     exact = {pid: reason(pid, active, demoted - kept_calls)
              for pid in sorted(stray - served, key=captured.get)}
-    if all(lay == "unused" for _, lay in rules) and not (exact or kept_calls or served):
+    if all(lay == "unused" for _, lays in rules for lay in lays) and not (
+            exact or kept_calls or served):
         raise CaptureError(NOT_FROM_CAPTURE)
     if book_calls:  # the node positions of its sources in the final walk
         book_calls.sources = _refs(call_sources, root, calls, w)
@@ -347,7 +358,7 @@ def _refs(sources: dict[Edge, Layout], root: Edge, calls: list[Call], w: Walk
 def internal_nodes(c: Call) -> set[object]:
     """Autograd nodes inside a rule call: between its output node and its inputs."""
     stop = {e.node for e in c.in_edges}
-    out, todo = set(), [c.edges[0].node]
+    out, todo = set(), [e.node for e in c.edges]
     while todo:
         node = todo.pop()
         if node is None or node in out or node in stop:

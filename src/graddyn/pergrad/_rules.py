@@ -48,6 +48,7 @@ class RuleCall:
     kwargs: dict
     grad: Tensor
     wanted: set[str] = field(default_factory=set)
+    grads: list = field(default_factory=list)  # every output's gradient (``accepts`` rules)
 
 
 RuleFn = Callable[[nn.Module, RuleCall], Iterable[Use]]
@@ -62,11 +63,15 @@ class Rule:
     trailing feature dimensions, moved to the front by the engine: Linear, Embedding,
     LayerNorm); or a function of the module returning one of them.
     ``applies(module, args, kwargs) -> bool``: False sends that call to the exact path.
+    ``accepts(module, layouts) -> bool``: for a module with several outputs (an LSTM's
+    ``out, (h_n, c_n)``): given where the examples lie in each output tensor, can the rule
+    read them? Such a rule gets every output's gradient, untouched, in ``call.grads``.
     """
 
     fn: RuleFn
     batch: str | Callable[[nn.Module], str] = "first"
     applies: Callable[[nn.Module, tuple, dict], bool] | None = None
+    accepts: Callable[[nn.Module, list], bool] | None = None
 
     def batch_of(self, module: nn.Module) -> str:
         return self.batch(module) if callable(self.batch) else self.batch
@@ -78,7 +83,7 @@ _loaded: set[str] = set()
 
 
 def register_rule(module_type: type, fn: RuleFn | None = None, *, batch: str | Callable = "first",
-                  applies: Callable | None = None) -> Callable:
+                  applies: Callable | None = None, accepts: Callable | None = None) -> Callable:
     """Register ``fn`` as the closed-form rule of ``module_type`` (exact type); usable as a
     decorator. Replaces an earlier rule of the same type. See :class:`Rule` for the arguments
     and the module docstring for an example."""
@@ -89,7 +94,7 @@ def register_rule(module_type: type, fn: RuleFn | None = None, *, batch: str | C
                          f"got {batch!r}")
 
     def deco(f: RuleFn) -> RuleFn:
-        RULES[module_type] = Rule(f, batch, applies)
+        RULES[module_type] = Rule(f, batch, applies, accepts)
         return f
 
     return deco(fn) if fn is not None else deco
@@ -110,7 +115,7 @@ def rule_for(module: nn.Module) -> Rule | None:
 
 
 def _register_builtin() -> None:
-    from . import _rules_conv, _rules_linear, _rules_norm  # noqa: F401
+    from . import _rules_conv, _rules_linear, _rules_norm, _rules_rnn  # noqa: F401
 
 
 _register_builtin()
