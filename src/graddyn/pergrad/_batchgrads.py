@@ -27,7 +27,7 @@ from .. import _robust_kernel as kernel
 from .._gram import pairs_from_grams
 from .._robust import check_c, extremes_correction, row_sum
 from ._factors import chunks
-from ._paramgrads import FlatCache, ParamGrads, _flat, inner, self_grams
+from ._paramgrads import FlatCache, ParamGrads, _flat, inner, materializes, self_grams
 
 
 class BatchGrads:
@@ -45,7 +45,7 @@ class BatchGrads:
         self._gram_total: Tensor | None = None
         self._host: tuple[np.ndarray, np.ndarray] | None = None  # Gram, cosines (NumPy)
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
-        self._flat: FlatCache = {}  # name -> (N, P) materialised by cross_gram, kept
+        self._flat: FlatCache = {}  # name -> (N, P) materialised per-example gradients, kept
 
     @property
     def names(self) -> list[str]:
@@ -70,13 +70,14 @@ class BatchGrads:
             if self._grams is not None:
                 self._sq = {k: g.diagonal() for k, g in self._grams.items()}
             else:
-                self._sq = {k: inner(pg, pg, diag=True) for k, pg in self._params.items()}
+                self._sq = {k: inner(pg, pg, diag=True, cache_a=self._flat, cache_b=self._flat)
+                            for k, pg in self._params.items()}
         return self._sq
 
     def _layer_grams(self) -> dict[str, Tensor]:
         """name -> (N, N) per-layer Gram, computed on first use and kept (read-only)."""
         if self._grams is None:
-            self._grams = self_grams(self._params)
+            self._grams = self_grams(self._params, self._flat)
         return self._grams
 
     def gram(self, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
@@ -145,7 +146,7 @@ class BatchGrads:
             k = self.batch_shape[1]
             return {name: pg.materialize().reshape(-1, k, *pg.shape).sum(0).detach()
                     for name, pg in self._params.items()}
-        out = {name: pg.total(scale).detach() for name, pg in self._params.items()}
+        out = {name: self._total(pg, scale).detach() for name, pg in self._params.items()}
         if write_to_grad:
             for name, pg in self._params.items():
                 p = pg.param
@@ -175,10 +176,22 @@ class BatchGrads:
                 if overwrite:
                     p.grad = None  # as after zero_grad(set_to_none=True) + backward()
                 continue
-            if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
-                p.grad = pg.total(scale).to(p.dtype)
+            fresh = p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype
+            if fresh or materializes(pg, self._flat):
+                total = self._total(pg, scale).to(p.dtype)
+                if fresh or overwrite:
+                    p.grad = total
+                else:
+                    p.grad.add_(total)
             else:
                 pg.total_into(p.grad, scale, accumulate=not overwrite)
+
+    def _total(self, pg: ParamGrads, scale: float) -> Tensor:
+        """scale * sum_n g_n; from the materialised rows where the Gram materialises them
+        anyway (kept for it: book-keeping), else from the factors."""
+        if materializes(pg, self._flat):
+            return (_flat(pg, self._flat).sum(0) * scale).reshape(pg.shape)
+        return pg.total(scale)
 
     def materialize(self, chunk_size: int | None = None
                     ) -> dict[str, Tensor] | Iterator[dict[str, Tensor]]:

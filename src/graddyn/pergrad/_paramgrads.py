@@ -249,7 +249,22 @@ def inner(a: ParamGrads, b: ParamGrads, diag: bool = False, cache_a: FlatCache |
     return (ma * mb).sum(1) if diag else dense_cross(ma, mb)
 
 
-def self_grams(params: dict[str, ParamGrads]) -> dict[str, Tensor]:
+def materializes(pg: ParamGrads, cache: FlatCache) -> bool:
+    """Would the Gram of ``pg`` materialise its per-example gradients (cost model), with room
+    for them in ``cache``? Then the same (N, P) rows serve the sum (``.grad``) too: one
+    pass over N T p q multiply-adds instead of two (the book-keeping of Bu et al. 2023)."""
+    if pg.name in cache:
+        return True
+    if not pg.factors or pg.dense is not None or _compact_ids(pg, pg) is not None:
+        return False
+    if _use_ghost(pg, pg, pg.factors, pg.factors, diag=False):
+        return False
+    used = sum(t.numel() * t.element_size() for t in cache.values())
+    return used + pg.n * pg.param.numel() * pg.factors[0].right.element_size() <= FLAT_CACHE_BYTES
+
+
+def self_grams(params: dict[str, ParamGrads], cache: FlatCache | None = None
+               ) -> dict[str, Tensor]:
     """Per-parameter Grams of one batch, name -> (N, N), as ``inner(pg, pg)``, except that
     a (N, d) operand shared by several parameters is multiplied once: a Linear's bias gradient
     (N, out) is its weight's left factor, so the (N, N) product G G^T (N^2 out flops, e.g.
@@ -271,5 +286,5 @@ def self_grams(params: dict[str, ParamGrads]) -> dict[str, Tensor]:
         elif pg.dense is not None and not pg.factors and pg.dense.dim() == 2:
             out[name] = gram2d(pg.dense)
         else:
-            out[name] = inner(pg, pg)
+            out[name] = inner(pg, pg, cache_a=cache, cache_b=cache)
     return out
