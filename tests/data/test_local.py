@@ -138,24 +138,13 @@ def test_cifar_rejects_a_non_batch_pickle(tmp_path):
         load_dataset("cifar100", root=tmp_path)
 
 
-class _Payload:
-    """A pickle that runs code when loaded: ``__reduce__`` returns a callable and its args."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("where", ["whole-file", "inside-the-dict"])
-def test_cifar_payload_never_runs(tmp_path, where):
+def test_cifar_payload_never_runs(tmp_path, code_payload, where):
     _write_cifar(tmp_path, hundred=True)
-    marker = tmp_path / "pwned"
-    payload = _Payload(marker)
-    obj = payload if where == "whole-file" else {"data": payload, "fine_labels": [0]}
+    make_payload, marker = code_payload
+    wrap = None if where == "whole-file" else (lambda p: {"data": p, "fine_labels": [0]})
     bad = tmp_path / "cifar-100-python/train"
-    bad.write_bytes(pickle.dumps(obj, protocol=2))
+    bad.write_bytes(make_payload(wrap))
     with pytest.raises(DatasetFormatError, match="refers to io.open, which a CIFAR batch never"
                                                  " holds") as info:
         load_dataset("cifar100", root=tmp_path)
