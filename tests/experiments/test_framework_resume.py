@@ -37,7 +37,7 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     err.close()
     store = RunStore(killed_root)
     run = store.open(name)
-    assert run.status == "running"  # killed: never finished
+    assert run.status == "interrupted"  # killed: its lock went with it
     last = run.latest_checkpoint()[0]
     assert 10 <= last < 60
     resumed = run_experiment("smoke", root=killed_root, run_name=run.name, resume=True,
