@@ -36,7 +36,8 @@ from graddyn.experiments._runner import (
     interrupt_on_sigterm,
     run_experiment,
 )
-from graddyn.train import RunStore
+from graddyn.train import RunNotFoundError, RunStore
+from graddyn.train._lock import RunLockedError
 from graddyn.train._store import check_run_name, git_sha
 
 
@@ -161,16 +162,21 @@ def run_sweep(
     store = RunStore(root)
     result = SweepResult(sname, sdir, names)
 
+    def status(run_name: str) -> str:
+        if not store.exists(run_name):
+            return "missing"
+        with store.open(run_name) as run:
+            return run.status
+
     def record() -> None:
-        manifest["status"] = {rn: store.open(rn).status if store.exists(rn) else "missing"
-                              for rn in names}
+        manifest["status"] = {rn: status(rn) for rn in names}
         manifest["errors"] = dict(result.failed)
         _write_manifest(sdir / SWEEP_MANIFEST, manifest)
 
     record()
     todo = []
     for pt, rn in zip(points, names):
-        if store.exists(rn) and store.open(rn).status == "finished":
+        if status(rn) == "finished":
             result.skipped.append(rn)
         else:
             todo.append((pt, rn))
@@ -230,19 +236,22 @@ def _outcome(run_name: str, proc: Any, recv: Any, root: str) -> str | None:
     """The point's error text; a worker that died without reporting is named, and its run
     (if it was created) marked ``interrupted``."""
     proc.join()
-    if recv.poll():
-        return recv.recv()
+    try:
+        if recv.poll():
+            return recv.recv()
+    except EOFError:  # the pipe reads as ready when the worker died: nothing was sent
+        pass
     code = proc.exitcode
     how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
     reason = f"worker process {proc.pid} {how} before it reported"
     store = RunStore(root)
-    if store.exists(run_name):
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its stale lock is this very worker's
             run = store.open(run_name, lock=True)
-        try:
-            if run.status not in ("finished", "failed"):
-                run.interrupt(reason)
-        finally:
-            run.close()
+    except (RunNotFoundError, RunLockedError):  # died before creating it / resumed elsewhere
+        return f"{reason}; re-run the sweep to run it"
+    with run:
+        if run.status not in ("finished", "failed"):
+            run.interrupt(reason)
     return f"{reason}; the run is marked interrupted: re-run the sweep to resume it"
