@@ -263,3 +263,18 @@ def test_recorded_nothing(store):
     assert run.recorded_nothing()
     run.log_array("x", np.zeros(1))
     assert not run.recorded_nothing()
+
+
+def test_lock_that_cannot_be_written_is_a_storage_error(store, monkeypatch):
+    from graddyn.train._lock import RunLock
+
+    store.create("a", {}).close()
+
+    def read_only(self):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(RunLock, "acquire", read_only)
+    with pytest.raises(StorageError, match=r"cannot write .*a/lock: .*make the folder writable"):
+        store.open("a", lock=True)
+    with pytest.raises(StorageError, match=r"cannot write .*b/lock"):
+        store.create("b", {})

@@ -406,7 +406,8 @@ class RunStore:
                 (d / sub).mkdir(parents=True, exist_ok=True)
         run = Run(d)
         if lock:
-            run.acquire_lock()
+            with writing(d / "lock"):
+                run.acquire_lock()
         run.set_meta(
             config=dict(config), seed=seed, experiment=experiment, status="running",
             created=_now(), finished=None, error=None,
@@ -427,7 +428,8 @@ class RunStore:
         run = Run(self.path(name), readonly=readonly)
         if lock:
             try:
-                stale = run.acquire_lock()
+                with writing(run.dir / "lock"):
+                    stale = run.acquire_lock()
             except BaseException:
                 run.close()
                 raise
