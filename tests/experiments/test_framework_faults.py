@@ -167,6 +167,10 @@ class _Echo(Experiment):
         _Echo.seen.append((config, run))
 
 
+def _scratch_folders():
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("graddyn-rank")}
+
+
 @pytest.fixture
 def rank1(monkeypatch):
     monkeypatch.setitem(EXPERIMENTS._items, "test-echo", _Echo)
@@ -176,7 +180,7 @@ def rank1(monkeypatch):
 
 
 def test_rank_other_than_0_reads_the_config_from_the_store(tmp_path, rank1, monkeypatch):
-    before = set(os.listdir(tempfile.gettempdir()))
+    before = _scratch_folders()
     monkeypatch.delenv("RANK")
     RunStore(tmp_path).create("d1", {"steps": 7, "lr": 0.5}, experiment="test-echo").close()
     monkeypatch.setenv("RANK", "1")
@@ -185,7 +189,7 @@ def test_rank_other_than_0_reads_the_config_from_the_store(tmp_path, rank1, monk
     assert config.steps == 7 and config.lr == 0.5 and handle is run and run.readonly
     with pytest.raises(PermissionError, match="only rank 0 writes"):
         run.log(0, {"x": 1.0})
-    assert set(os.listdir(tempfile.gettempdir())) - before == set()  # no scratch folders
+    assert _scratch_folders() == before  # no graddyn-rank* scratch runs any more
     assert RunStore(tmp_path).names() == ["d1"]
 
 
