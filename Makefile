@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-slow lint bench peers clean
+.PHONY: venv demo test test-slow fault lint bench peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Kills, signals, a full and a read-only disk, a dead torchrun rank, end to end (a few minutes;
+# the disk scenarios need root to mount a small tmpfs and are skipped otherwise).
+fault: $(STAMP)
+	$(BIN)/python -m pytest -q -m fault tests/faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,15 +1,20 @@
 """``graddyn``: list / run / sweep / report / show / demo. A thin shell over
 ``graddyn.experiments`` (every command is one importable, tested function call).
 
-Usage errors (unknown experiment, unknown config key, bad value, existing run) go to stderr
-with exit code 2 and a message naming the fix; a failing run exits with 1.
+Usage errors (unknown experiment, unknown config key, bad value, bad run name, existing run,
+a run another process is writing) go to stderr with exit code 2 and a message naming the fix;
+a failing run exits with 1 and the command that resumes it; Ctrl-C or SIGTERM marks the run
+``interrupted`` and exits with 130 after one line giving the resume command.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,7 +107,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"{DEMO_EXPERIMENT!r} is not available yet; running the built-in {name!r}",
               file=sys.stderr)
     config = get_experiment(name).demo_config()
-    run = run_experiment(name, root=args.root, run_name=f"demo-{name}", resume=True,
+    run = run_experiment(name, root=args.root, run_name=f"demo-{name}", resume="if-exists",
                          config=config, progress=not args.quiet)
     out = report(run.name, root=args.root)
     print(f"demo report: {out}")
@@ -151,21 +156,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning(message: Warning | str, category: type[Warning], *args: object,
+             **kwargs: object) -> str:
+    return f"{message}\n"  # graddyn's warnings name the file themselves; no source line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``graddyn`` console script; returns the exit code."""
     from graddyn._registry import UnknownNameError
     from graddyn.experiments._config import ConfigError
+    from graddyn.experiments._runner import interrupt_on_sigterm
     from graddyn.train import RunExistsError, RunNotFoundError
+    from graddyn.train._lock import RunLockedError
+    from graddyn.train._store import InvalidRunNameError
 
     args = build_parser().parse_args(argv)
+    usage = (UsageError, UnknownNameError, ConfigError, RunExistsError, RunNotFoundError,
+             InvalidRunNameError, RunLockedError)
+    in_main = threading.current_thread() is threading.main_thread()  # signal() needs it
+    previous = interrupt_on_sigterm() if in_main else None
+    formatter, warnings.formatwarning = warnings.formatwarning, _warning
     try:
         return args.func(args)
-    except (UsageError, UnknownNameError, ConfigError, RunExistsError, RunNotFoundError) as err:
+    except usage as err:
         print(f"graddyn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"graddyn {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
     except Exception as err:
         print(f"graddyn {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        if getattr(err, "resume_command", None):
+            print(f"graddyn {args.command}: resume with: {err.resume_command}",
+                  file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatter
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -136,3 +136,39 @@ def test_cifar_rejects_a_non_batch_pickle(tmp_path):
     (tmp_path / "cifar-100-python/test").write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(DatasetFormatError, match="not a CIFAR batch"):
         load_dataset("cifar100", root=tmp_path)
+
+
+@pytest.mark.parametrize("where", ["whole-file", "inside-the-dict"])
+def test_cifar_payload_never_runs(tmp_path, code_payload, where):
+    _write_cifar(tmp_path, hundred=True)
+    make_payload, marker = code_payload
+    wrap = None if where == "whole-file" else (lambda p: {"data": p, "fine_labels": [0]})
+    bad = tmp_path / "cifar-100-python/train"
+    bad.write_bytes(make_payload(wrap))
+    with pytest.raises(DatasetFormatError, match="refers to io.open, which a CIFAR batch never"
+                                                 " holds") as info:
+        load_dataset("cifar100", root=tmp_path)
+    assert str(bad) in str(info.value) and "official archive" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_loads_every_pickle_protocol_and_numpy_1_files(tmp_path, protocol):
+    batches = _write_cifar(tmp_path, hundred=False)
+    first = tmp_path / "cifar-10-batches-py/data_batch_1"
+    raw = pickle.dumps(batches["data_batch_1"], protocol=protocol)
+    if protocol == 2:  # as the official files (Python 2, NumPy 1) name NumPy's functions
+        raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        assert b"numpy.core.multiarray" in raw
+    first.write_bytes(raw)
+    d = load_dataset("cifar10", root=tmp_path, standardize=False)
+    assert d.train_y[:3].tolist() == batches["data_batch_1"]["labels"]
+
+
+def test_cifar_truncated_file_names_the_file(tmp_path):
+    _write_cifar(tmp_path, hundred=True)
+    bad = tmp_path / "cifar-100-python/test"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(DatasetFormatError, match="not a readable CIFAR batch") as info:
+        load_dataset("cifar100", root=tmp_path)
+    assert str(bad) in str(info.value)

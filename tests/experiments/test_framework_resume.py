@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from graddyn.experiments import default_run_name, parse_overrides, run_experiment
@@ -37,11 +38,12 @@ def test_resume_after_sigkill_is_bit_for_bit(tmp_path):
     err.close()
     store = RunStore(killed_root)
     run = store.open(name)
-    assert run.status == "running"  # killed: never finished
+    assert run.status == "interrupted"  # killed: its lock went with it
     last = run.latest_checkpoint()[0]
     assert 10 <= last < 60
-    resumed = run_experiment("smoke", root=killed_root, run_name=run.name, resume=True,
-                             progress=False)
+    with pytest.warns(UserWarning, match=f"last written by pid {proc.pid} .* taking it over"):
+        resumed = run_experiment("smoke", root=killed_root, run_name=run.name, resume=True,
+                                 progress=False)
     ref = run_experiment("smoke", ARGS, root=ref_root, progress=False)
     assert resumed.status == "finished"
     names = resumed.metric_names()

@@ -4,7 +4,7 @@ import pytest
 
 from graddyn.experiments import ConfigError, report, run_sweep, show
 from graddyn.experiments._smoke import SmokeConfig
-from graddyn.experiments._sweep import expand_grid, parse_grid, sweep_name
+from graddyn.experiments._sweep import SweepInterrupted, expand_grid, parse_grid, sweep_name
 from graddyn.train import RunNotFoundError, RunStore
 
 
@@ -58,3 +58,32 @@ def test_sweep_in_parallel_skips_finished_and_reports(tmp_path):
 def test_report_unknown_target(tmp_path):
     with pytest.raises(RunNotFoundError, match="no run or sweep named 'x'"):
         report("x", root=tmp_path)
+
+
+def test_failing_point_in_a_worker_process_is_recorded_and_the_others_finish(tmp_path):
+    res = run_sweep("smoke", ["lr=0.1,nan"], ["steps=3"], root=tmp_path, workers=2, name="f")
+    manifest = json.loads((res.dir / "sweep.json").read_text())
+    good, bad = res.runs
+    assert manifest["status"] == {good: "finished", bad: "failed"}
+    assert list(res.failed) == [bad] and "NonFiniteLossError" in res.failed[bad]
+    assert manifest["errors"] == res.failed
+
+
+def test_interrupted_sweep_writes_the_manifest_and_gives_the_command(tmp_path, monkeypatch):
+    import graddyn.experiments._sweep as sweep_module
+
+    real = sweep_module._run_point
+
+    def second_point_interrupted(experiment, overrides, root, run_name):
+        if "noise=0.5" in overrides:
+            raise KeyboardInterrupt
+        return real(experiment, overrides, root, run_name)
+
+    monkeypatch.setattr(sweep_module, "_run_point", second_point_interrupted)
+    with pytest.raises(SweepInterrupted, match="sweep sw interrupted; finished runs are kept; "
+                                               "resume the rest with: graddyn sweep smoke "
+                                               "--grid noise=0,0.5 --set steps=2 --workers 1 "
+                                               f"--name sw --root {tmp_path}$"):
+        run_sweep("smoke", ["noise=0,0.5"], ["steps=2"], root=tmp_path, name="sw")
+    manifest = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert sorted(manifest["status"].values()) == ["finished", "missing"]

@@ -55,11 +55,34 @@ def test_tiny_comparison_logs_every_pair_and_draws_the_figure(tmp_path):
     assert EXPERIMENTS.get("lsgd")().demo_config().steps < LSGDConfig().steps
 
 
+@pytest.mark.distributed
+def test_comparison_records_as_it_goes_and_resumes_the_interrupted_pair(tmp_path):
+    """A comparison stopped inside the lsgd pair (after its step-5 checkpoint, before the
+    easgd pair) keeps what rank 0 recorded and continues that pair from its checkpoint."""
+    cfg = [*TINY, "checkpoint_every=5"]
+    whole = run_experiment("lsgd", cfg, root=tmp_path / "a", run_name="t", progress=False)
+    assert [s for s, _ in whole.checkpoints("lsgd/w2")] == [5, 10]
+    cut = run_experiment("lsgd", cfg, root=tmp_path / "b", run_name="t", progress=False)
+    cut.truncate_after(5, prefix="lsgd/w2/")  # as a kill after step 5 leaves it
+    cut.truncate_after(-1, prefix="easgd/w2/")
+    cut.checkpoints("lsgd/w2")[-1][1].unlink()
+    for _, path in cut.checkpoints("easgd/w2"):
+        path.unlink()
+    cut.set_meta(status="interrupted")
+    resumed = run_experiment("lsgd", root=tmp_path / "b", run_name="t", resume=True,
+                             progress=False)
+    assert resumed.status == "finished"
+    for name in whole.metric_names():
+        if not name.endswith("wall_s"):  # wall-clock differs; everything else is exact
+            assert whole.history(name)[1].tobytes() == resumed.history(name)[1].tobytes(), name
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_under_torchrun_rank0_logs_and_checkpoints(tmp_path):
-    """The real launcher and CLI: `torchrun -m graddyn run lsgd`. Only rank 0 owns the run
-    folder (other ranks get a private scratch root), so the ranks do not race to create it."""
+    """The real launcher and CLI: `torchrun -m graddyn run lsgd`. Only rank 0 writes the run
+    folder (the other ranks read its config from it), so the ranks do not race to create it,
+    and nothing is left in the temp folder."""
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "graddyn", "run", "lsgd",
            "--root", str(tmp_path / "runs"), "--name", "tr"]

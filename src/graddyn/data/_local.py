@@ -9,7 +9,9 @@ write them; the idx files may be plain or gzipped (``.gz``)::
     cifar-10-batches-py/{data_batch_1, ..., data_batch_5, test_batch}
     cifar-100-python/{train, test}  (the 100 fine labels are used)
 
-The CIFAR files are Python pickles: only read files you obtained from the official source.
+The CIFAR files are Python pickles. They are read with an unpickler that builds only what the
+format holds (dicts, lists, strings, bytes, numbers and NumPy arrays); anything else, such as
+a payload that would run code, is refused before it is built.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import gzip
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,9 +97,44 @@ def _load_idx_dataset(name: str, root: Path, standardize: bool) -> DataSplits:
     )
 
 
+# (module, name) of every global a CIFAR batch refers to: NumPy's array reconstruction (by
+# NumPy 1 and 2, pickle protocols 2-5) and the bytes helper of protocol 2. Nothing callable
+# beyond these is ever looked up, so a ``__reduce__`` payload fails before it can run.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+# NumPy 2 moved numpy.core to numpy._core; pickles name whichever wrote them
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # the official files are Python 2 pickles
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        home = module.replace("numpy._core", "numpy.core", 1)  # one spelling for both
+        if (home, name) not in _CIFAR_GLOBALS:
+            raise DatasetFormatError(
+                f"{self.path} refers to {module}.{name}, which a CIFAR batch never holds "
+                "(only dicts, lists, strings, bytes and NumPy arrays); refused without "
+                "loading it. Replace the file with the one from the official archive"
+            )
+        if home.startswith("numpy.core"):
+            module = _NUMPY_CORE + home[len("numpy.core"):]
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     with path.open("rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        try:
+            entry = _CifarUnpickler(f, path).load()
+        except DatasetFormatError:
+            raise
+        except Exception as err:  # truncated or not a pickle at all
+            raise DatasetFormatError(f"{path} is not a readable CIFAR batch ({type(err).__name__}"
+                                     f": {err}); replace it with the official file") from err
     if not isinstance(entry, dict) or "data" not in entry:
         raise DatasetFormatError(f"{path} is not a CIFAR batch (expected a dict with 'data')")
     return entry

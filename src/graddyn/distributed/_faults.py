@@ -123,7 +123,8 @@ class Heartbeat:
             return WorkerFailureError(
                 f"worker rank(s) {list(dead)} stopped (no heartbeat for "
                 f"{3 * self.interval:.1f} s); {where} failed: {cause}. Check the log of rank(s) "
-                f"{list(dead)}; restart the job to resume from the last checkpoint.",
+                f"{list(dead)}; restart the job: it resumes from its last checkpoint, if it "
+                "saved one.",
                 dead,
             )
         hung = tuple(

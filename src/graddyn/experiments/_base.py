@@ -29,8 +29,9 @@ class Experiment(ABC):
 
     The framework (``graddyn run``) creates the ``Run``, saves the resolved config, seed,
     versions and git SHA, seeds everything with ``config.seed`` (if the config has one), calls
-    ``run``, and marks the run finished or failed. ``run`` must be resumable: build the same
-    objects again and call ``Trainer.fit``, which continues from the run's latest checkpoint.
+    ``run``, and marks the run finished, failed or interrupted. ``run`` must be resumable:
+    build the same objects again and call ``Trainer.fit``, which continues from the run's
+    latest checkpoint.
     """
 
     Config: ClassVar[type[Any]]

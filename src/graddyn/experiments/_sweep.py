@@ -2,7 +2,8 @@
 
 ``--grid noise=0,0.25,0.5 c=0,1`` is the 6-point product. Each point becomes a run named
 deterministically from its config, so re-running a sweep skips finished runs and resumes
-interrupted ones. The sweep folder ``runs/<sweep>/sweep.json`` lists the grid and the runs.
+interrupted ones. The sweep folder ``runs/<sweep>/sweep.json`` lists the grid, the runs, each
+run's status and each failure's error (a killed worker included).
 For tuple-valued fields, separate grid values with ``;`` (``widths=8,8;16,16``).
 """
 
@@ -12,13 +13,16 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
-import multiprocessing
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+import shlex
+import signal
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, get_origin
 
+from graddyn.distributed._launch import _mp_context
 from graddyn.experiments._config import (
     ConfigError,
     check_key,
@@ -26,8 +30,14 @@ from graddyn.experiments._config import (
     parse_overrides,
     split_override,
 )
-from graddyn.experiments._runner import SWEEP_MANIFEST, get_experiment, run_experiment
-from graddyn.train import RunStore
+from graddyn.experiments._runner import (
+    SWEEP_MANIFEST,
+    get_experiment,
+    interrupt_on_sigterm,
+    run_experiment,
+)
+from graddyn.train import RunNotFoundError, RunStore
+from graddyn.train._lock import RunLockedError
 from graddyn.train._store import check_run_name, git_sha
 
 
@@ -74,20 +84,44 @@ def sweep_name(experiment: str, axes: dict[str, list[str]], base: Sequence[str])
     return f"{experiment}__sweep__{'-'.join(axes)}_{digest}"
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a sweep; the message gives the command that resumes it."""
+
+
+def sweep_command(experiment: str, grid: Sequence[str], base: Sequence[str], root: str | Path,
+                  workers: int, name: str) -> str:
+    """The ``graddyn sweep`` command that (re)runs this sweep: finished points are skipped,
+    interrupted ones resume."""
+    parts = ["graddyn", "sweep", experiment, "--grid", *grid]
+    parts += ["--set", *base] if base else []
+    parts += ["--workers", str(workers), "--name", name]
+    parts += ["--root", str(root)] if Path(root) != Path("runs") else []
+    return shlex.join(parts)
+
+
 def _run_point(experiment: str, overrides: list[str], root: str, run_name: str) -> str | None:
-    """Worker body: run (or resume) one grid point; returns the error text or None."""
+    """Run (or resume) one grid point; returns the error text or None."""
     try:
-        run_experiment(experiment, overrides, root=root, run_name=run_name, resume=True,
-                       progress=False)
+        run_experiment(experiment, overrides, root=root, run_name=run_name,
+                       resume="if-exists", progress=False)
     except Exception as err:  # recorded in the run and the manifest; others go on
         return f"{type(err).__name__}: {err}"
     return None
 
 
-def _init_worker() -> None:
+def _point_process(experiment: str, overrides: list[str], root: str, run_name: str,
+                   conn: Any) -> None:
+    """Body of one point's worker process: its result goes back through ``conn``."""
     import torch
 
     torch.set_num_threads(1)  # workers share the machine's cores
+    interrupt_on_sigterm()  # the run is marked interrupted, then the worker exits
+    try:
+        conn.send(_run_point(experiment, overrides, root, run_name))
+    except KeyboardInterrupt as err:
+        conn.send(f"interrupted: {err}")
+    finally:
+        conn.close()
 
 
 def _write_manifest(path: Path, data: dict[str, Any]) -> None:
@@ -108,7 +142,9 @@ def run_sweep(
     """Run every grid point of ``experiment`` (``workers`` processes; 1 = in this process).
 
     All points are validated before anything starts. Finished runs are skipped; a failing
-    point is recorded (in its run and the manifest) without stopping the others."""
+    point, or a worker process that is killed, is recorded (in its run and the manifest's
+    ``status`` / ``errors``, rewritten as each point ends) without stopping the others.
+    Ctrl-C raises ``SweepInterrupted`` with the command that resumes the sweep."""
     exp = get_experiment(experiment)
     axes = parse_grid(exp.Config, grid)
     points = expand_grid(axes, base)
@@ -121,32 +157,101 @@ def run_sweep(
     manifest = {
         "experiment": experiment, "grid": axes, "base": list(base), "runs": names,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": git_sha(), "status": {},
+        "git_sha": git_sha(), "status": {}, "errors": {},
     }
-    _write_manifest(sdir / SWEEP_MANIFEST, manifest)
     store = RunStore(root)
     result = SweepResult(sname, sdir, names)
+
+    def status(run_name: str) -> str:
+        if not store.exists(run_name):
+            return "missing"
+        with store.open(run_name) as run:
+            return run.status
+
+    def record() -> None:
+        manifest["status"] = {rn: status(rn) for rn in names}
+        manifest["errors"] = dict(result.failed)
+        _write_manifest(sdir / SWEEP_MANIFEST, manifest)
+
+    record()
     todo = []
     for pt, rn in zip(points, names):
-        if store.exists(rn) and store.open(rn).status == "finished":
+        if status(rn) == "finished":
             result.skipped.append(rn)
         else:
             todo.append((pt, rn))
-    errors = _execute(experiment, todo, str(root), workers)
-    result.failed = {rn: e for rn, e in errors.items() if e is not None}
-    manifest["status"] = {rn: store.open(rn).status if store.exists(rn) else "missing"
-                          for rn in names}
-    _write_manifest(sdir / SWEEP_MANIFEST, manifest)
+
+    def done(run_name: str, error: str | None) -> None:
+        if error is not None:
+            result.failed[run_name] = error
+        record()
+
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for pt, rn in todo:
+                done(rn, _run_point(experiment, pt, str(root), rn))
+        else:
+            _in_processes(experiment, todo, str(root), workers, done)
+    except KeyboardInterrupt:
+        record()
+        cmd = sweep_command(experiment, grid, base, root, workers, sname)
+        raise SweepInterrupted(f"sweep {sname} interrupted; finished runs are kept; resume "
+                               f"the rest with: {cmd}") from None
     return result
 
 
-def _execute(experiment: str, todo: list[tuple[list[str], str]], root: str,
-             workers: int) -> dict[str, str | None]:
-    if workers == 1 or len(todo) <= 1:
-        return {rn: _run_point(experiment, pt, root, rn) for pt, rn in todo}
-    # spawn, not fork: forking a process that already runs torch threads can deadlock
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                             initializer=_init_worker) as pool:
-        futures = {rn: pool.submit(_run_point, experiment, pt, root, rn) for pt, rn in todo}
-        return {rn: fut.result() for rn, fut in futures.items()}
+def _in_processes(experiment: str, todo: list[tuple[list[str], str]], root: str, workers: int,
+                  done: Callable[[str, str | None], None]) -> None:
+    """One fresh worker process per point, at most ``workers`` at a time, so a worker that is
+    killed (SIGKILL, out of memory) takes only its own point down: that run is marked
+    ``interrupted`` and the others go on."""
+    ctx = _mp_context(("graddyn.experiments",))  # workers fork from a server that has torch
+    pending = list(todo)
+    active: dict[Any, tuple[str, Any, Any]] = {}  # sentinel -> (run name, process, pipe)
+    try:
+        while pending or active:
+            while pending and len(active) < workers:
+                pt, rn = pending.pop(0)
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_point_process, args=(experiment, pt, root, rn, send),
+                                   name=f"graddyn-sweep-{rn}")
+                proc.start()
+                send.close()
+                active[proc.sentinel] = (rn, proc, recv)
+            for sentinel in wait(list(active)):
+                rn, proc, recv = active.pop(sentinel)
+                done(rn, _outcome(rn, proc, recv, root))
+    except KeyboardInterrupt:
+        for _, proc, _ in active.values():
+            proc.terminate()  # SIGTERM: each worker marks its run interrupted and exits
+        for rn, proc, recv in active.values():
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+            done(rn, _outcome(rn, proc, recv, root))
+        raise
+
+
+def _outcome(run_name: str, proc: Any, recv: Any, root: str) -> str | None:
+    """The point's error text; a worker that died without reporting is named, and its run
+    (if it was created) marked ``interrupted``."""
+    proc.join()
+    try:
+        if recv.poll():
+            return recv.recv()
+    except EOFError:  # the pipe reads as ready when the worker died: nothing was sent
+        pass
+    code = proc.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+    reason = f"worker process {proc.pid} {how} before it reported"
+    store = RunStore(root)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its stale lock is this very worker's
+            run = store.open(run_name, lock=True)
+    except (RunNotFoundError, RunLockedError):  # died before creating it / resumed elsewhere
+        return f"{reason}; re-run the sweep to run it"
+    with run:
+        if run.status not in ("finished", "failed"):
+            run.interrupt(reason)
+    return f"{reason}; the run is marked interrupted: re-run the sweep to resume it"

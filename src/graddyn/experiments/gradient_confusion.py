@@ -43,7 +43,7 @@ from torch import nn
 
 from graddyn.data import DataSplits, load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._config import config_from_dict
+from graddyn.experiments._config import ConfigError, config_from_dict
 from graddyn.experiments._confusion_study import (
     MinibatchConfusion,
     Table,
@@ -202,7 +202,7 @@ def load_data(cfg: GradientConfusionConfig) -> DataSplits:
     d = replace(d, train_x=d.train_x[keep].to(dtype), train_y=d.train_y[keep],
                 test_x=d.test_x.to(dtype))
     if len(d.train_y) < max(cfg.batch_size, cfg.mb_size):
-        raise ValueError(f"{len(d.train_y)} training examples is fewer than batch_size="
+        raise ConfigError(f"{len(d.train_y)} training examples is fewer than batch_size="
                          f"{cfg.batch_size} / mb_size={cfg.mb_size}; lower them or max_train")
     return d
 

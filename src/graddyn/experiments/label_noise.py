@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import ConfigError
 from graddyn.experiments._label_noise_report import draw_report
 from graddyn.instruments import BatchCoherence, GroupSplit, Instrument, LearnedAt, Probe
 from graddyn.train import Run, Trainer, at, at_end, every, logspaced
@@ -114,7 +115,7 @@ def noisy_data(cfg: LabelNoiseConfig, splits: Any, fraction: float
     x, y = splits.train_x, splits.train_y
     if cfg.n_train:
         if cfg.n_train > len(y):
-            raise ValueError(f"n_train={cfg.n_train} exceeds the {len(y)} training examples of "
+            raise ConfigError(f"n_train={cfg.n_train} exceeds the {len(y)} training examples of "
                              f"{cfg.dataset!r}; use 0 for all of them")
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
         keep = keep[: cfg.n_train].sort().values

@@ -10,14 +10,18 @@ Two ways to run it:
 
 * **Comparison** (plain ``graddyn run lsgd``): for each ``workers`` count ``n`` the parent
   process starts ``n`` local gloo workers per algorithm (``graddyn.distributed.launch``);
-  ``n = 1`` runs only data-parallel (= plain SGD). Rank 0 gathers per-worker metrics and the
-  parent alone writes them as ``<algorithm>/w<n>/<metric>``. Resuming skips finished
-  (algorithm, n) pairs. Default (digits, 64-unit MLP, 300 steps) takes about a minute on 2 cores.
+  ``n = 1`` runs only data-parallel (= plain SGD). Rank 0 gathers per-worker metrics and
+  writes each evaluation as ``<algorithm>/w<n>/<metric>`` when it is made (checkpoints, with
+  ``checkpoint_every``, under ``checkpoints/<algorithm>/w<n>/``). Resuming skips finished
+  (algorithm, n) pairs and continues the interrupted one from its checkpoint (or redoes it
+  without one). Default (digits, 64-unit MLP, 300 steps) takes about a minute on 2 cores.
 * **One algorithm under torchrun**:
   ``torchrun --nproc-per-node 4 -m graddyn run lsgd --set algorithm=lsgd``. Every rank runs
   the CLI; the experiment joins the torchrun group (env://), trains ``algorithm`` with
-  ``WORLD_SIZE`` workers, and only rank 0 touches the run store (metrics gathered to it,
-  checkpoints every ``checkpoint_every`` steps, resumed from ``run.latest_checkpoint()``).
+  ``WORLD_SIZE`` workers, and only rank 0 writes the run store (metrics gathered to it,
+  checkpoints every ``checkpoint_every`` steps, resumed from ``run.latest_checkpoint()``);
+  the other ranks read the run's saved config from it, so a resume needs only
+  ``--name NAME --resume`` (every rank must see the same ``--root``).
 
 Reported ``test_error`` is the leader's (LSGD, multi-leader), the center's (EASGD) or the
 common model's (data-parallel). The paper's CIFAR-10 setting (CNN7, 4 and 16 workers; test
@@ -135,27 +139,39 @@ def _setup(cfg: LSGDConfig, ctx: DistContext) -> tuple[nn.Module, tuple[torch.Te
 
 
 def _train(ctx: DistContext, cfg: LSGDConfig, algorithm: str, run: Run | None = None,
-           prefix: str = "") -> list[tuple[int, dict[str, float]]] | None:
-    """Train ``algorithm`` on this worker; rank 0 logs to ``run`` (if given) and returns."""
+           prefix: str = "", tag: str = "") -> list[tuple[int, dict[str, float]]] | None:
+    """Train ``algorithm`` on this worker; rank 0 logs each evaluation to ``run`` (if given)
+    as ``<prefix>/<metric>`` and checkpoints under ``tag``, resuming from the newest one."""
     torch.set_num_threads(1)  # workers share the cores
     model, data = _setup(cfg, ctx)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     algo = build_algorithm(algorithm, opt, **asdict(cfg))
     logging = run is not None and ctx.rank == 0
-    resume = run.latest_checkpoint() if logging else None
+    resume = run.latest_checkpoint(tag) if logging else None
+    if resume is not None:
+        run.truncate_after(resume[0], prefix=f"{prefix}/")  # re-created from the checkpoint
     return train_worker(
         model, algo, data, steps=cfg.steps, batch_size=cfg.batch_size,
         eval_every=cfg.eval_every, seed=cfg.seed,
         on_eval=(lambda s, m: run.log(s, {f"{prefix}/{k}": v for k, v in m.items()}))
         if logging else None,
-        on_checkpoint=(lambda s, st: run.save_checkpoint(s, st)) if logging else None,
+        on_checkpoint=(lambda s, st: run.save_checkpoint(s, st, tag=tag)) if logging else None,
         checkpoint_every=cfg.checkpoint_every, resume=None if resume is None else resume[1],
     )
 
 
-def worker_main(ctx: DistContext, cfg: LSGDConfig, algorithm: str) -> Any:
-    """Entry point of one :func:`launch`-ed worker (comparison mode)."""
-    return _train(ctx, cfg, algorithm)
+def worker_main(ctx: DistContext, cfg: LSGDConfig, algorithm: str, run_dir: str | None = None,
+                prefix: str = "") -> Any:
+    """Entry point of one :func:`launch`-ed worker (comparison mode). Rank 0 writes each
+    evaluation into the run at ``run_dir`` as it is made (checkpoints under the pair's
+    ``prefix``), so a comparison killed half-way keeps what it measured; the parent holds
+    the run lock meanwhile."""
+    run = Run(Path(run_dir)) if run_dir is not None and ctx.rank == 0 else None
+    try:
+        return _train(ctx, cfg, algorithm, run, prefix, tag=prefix)
+    finally:
+        if run is not None:
+            run.close()
 
 
 def plan(cfg: LSGDConfig) -> list[tuple[str, int]]:
@@ -178,21 +194,21 @@ class LeaderSGD(Experiment):
     def run(self, config: LSGDConfig, run: Run) -> None:
         if in_torchrun():
             ctx = init_from_env(config.backend, config.timeout_s)
-            try:
+            try:  # every rank gets ``run``; only rank 0 writes (the others' is read-only)
                 _train(ctx, config, config.algorithm, run,
                        f"{config.algorithm}/w{ctx.world_size}")
             finally:
                 shutdown()
             return
-        done = set(run.metric_names())
         for algo, n in plan(config):
             prefix = f"{algo}/w{n}"
-            if f"{prefix}/test_error" in done:
-                continue  # resumed run: this pair finished already
-            history = launch(worker_main, n, args=(config, algo), backend=config.backend,
-                             timeout_s=config.timeout_s, preload=(__name__,))[0]
-            for step, metrics in history:
-                run.log(step, {f"{prefix}/{k}": v for k, v in metrics.items()})
+            steps, _ = run.history(f"{prefix}/test_error")
+            if len(steps) and steps[-1] == config.steps:
+                continue  # resumed run: this pair finished already (its last evaluation)
+            if not run.checkpoints(prefix):  # a killed attempt without a checkpoint: redo it
+                run.truncate_after(-1, prefix=f"{prefix}/")
+            launch(worker_main, n, args=(config, algo, str(run.dir), prefix),
+                   backend=config.backend, timeout_s=config.timeout_s, preload=(__name__,))
 
     def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
         return [draw_comparison(run, Path(out_dir) / f"lsgd-{run.name}.png") for run in runs]

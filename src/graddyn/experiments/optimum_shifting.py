@@ -61,6 +61,7 @@ from graddyn.curvature import (
 )
 from graddyn.data import load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import ConfigError
 from graddyn.interventions.optimum_shift import (
     StochasticOptimumShift,
     collect_features,
@@ -156,7 +157,7 @@ def prepare_data(cfg: OptimumShiftingConfig) -> tuple[Any, Any]:
         "input_shape": tuple(x.shape[1:]),
     }
     if cfg.batch_size > len(train):
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={cfg.batch_size} exceeds the {len(train)} training "
             "examples left after the validation split; lower batch_size"
         )

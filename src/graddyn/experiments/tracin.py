@@ -31,7 +31,7 @@ from torch import Tensor
 
 from graddyn.data import flip_labels, load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._config import config_from_dict
+from graddyn.experiments._config import ConfigError, config_from_dict
 from graddyn.influence import TracIn, checkpoints_from_run
 from graddyn.models import build_model
 from graddyn.train import Run, Trainer, at, at_end, every, new_figure, save_figure
@@ -126,11 +126,11 @@ def run_tracin_mislabel(cfg: TracInMislabelConfig, run: Run) -> dict[str, float]
     data, mask, model = _setup(cfg)
     n = len(data.train_y)
     if cfg.batch_size > n:
-        raise ValueError(f"batch_size={cfg.batch_size} exceeds the {n} training examples; "
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {n} training examples; "
                          "lower batch_size or raise max_train")
     steps = cfg.epochs * (n // cfg.batch_size)
     if steps < cfg.n_checkpoints:
-        raise ValueError(f"{steps} training steps cannot hold n_checkpoints="
+        raise ConfigError(f"{steps} training steps cannot hold n_checkpoints="
                          f"{cfg.n_checkpoints}; raise epochs or lower n_checkpoints")
     ck_steps = np.unique(np.round(np.linspace(steps / cfg.n_checkpoints, steps,
                                               cfg.n_checkpoints)).astype(int))

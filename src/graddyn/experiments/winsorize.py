@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from graddyn._robust import check_c
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import ConfigError
 from graddyn.experiments._winsorize_report import draw_report, overfit_measure
 from graddyn.instruments import LearnedAt
 from graddyn.interventions.winsorize import DEFAULT_BUDGET, WinsorizedGradient
@@ -137,7 +138,7 @@ def noisy_split(cfg: WinsorizeConfig, splits: Any) -> tuple[SimpleNamespace, Ten
     n = cfg.train_size
     if n:
         if n > len(y):
-            raise ValueError(f"n_train={n} exceeds the {len(y)} training examples of "
+            raise ConfigError(f"n_train={n} exceeds the {len(y)} training examples of "
                              f"{cfg.dataset!r}; set n_train={len(y)} or lower")
         keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
         keep = keep[:n].sort().values

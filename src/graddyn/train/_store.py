@@ -4,25 +4,30 @@ Layout of ``runs/<name>/``::
 
     run.sqlite        meta (key -> JSON: config, seed, experiment, versions, git_sha, status,
                       created, finished, error) and metrics (name, step, value)
+    lock              held (``flock``) by the one process writing the run; see ``_lock``
     checkpoints/      [<tag>/]step_00000100.pt   (written to a temp file, then renamed)
     figures/          PNGs
     arrays/           small .npy arrays (heatmaps, Gram matrices)
 
 Every ``log`` is its own committed transaction in WAL mode, so a run killed at any moment
 keeps every metric logged before the kill, and a reader (``graddyn show``) never blocks the
-writer.
+writer. A write the disk refuses (full, read-only) raises ``StorageError`` naming the file;
+an unreadable checkpoint is skipped for the previous one, with a warning naming it.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import math
 import os
 import re
 import sqlite3
 import subprocess
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -31,9 +36,27 @@ from typing import Any
 import numpy as np
 import torch
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+@-]*$")
+from graddyn.train._diskio import (
+    CorruptCheckpointError,
+    database_error,
+    read_checkpoint,
+    write_bytes,
+    writing,
+)
+from graddyn.train._lock import RunLock
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+@-]*")  # fullmatch: no trailing newline
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
-STATUSES = ("running", "finished", "failed")
+# interrupted: stopped from outside (signal, kill, full or read-only disk); resume continues it
+STATUSES = ("running", "interrupted", "finished", "failed")
+
+
+class InvalidRunNameError(ValueError):
+    """A run or sweep name that cannot be a folder name inside the store."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint could not be read and an older one is used instead."""
 
 
 class RunExistsError(FileExistsError):
@@ -84,8 +107,8 @@ def git_sha() -> str | None:
 
 def check_run_name(name: str) -> str:
     """Run names become folder names: letters, digits and ``. _ = , + @ -`` only."""
-    if not _NAME_RE.match(name):
-        raise ValueError(
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidRunNameError(
             f"invalid run name {name!r}: use letters, digits and . _ = , + @ - "
             "(starting with a letter or digit)"
         )
@@ -93,27 +116,71 @@ def check_run_name(name: str) -> str:
 
 
 class Run:
-    """Handle on one run folder. Open it through ``RunStore``; see the module docstring."""
+    """Handle on one run folder. Open it through ``RunStore``; see the module docstring.
 
-    def __init__(self, dir: Path) -> None:
+    ``readonly``: a handle that refuses every write (ranks other than 0 under ``torchrun``
+    read the run's config through one). Writers take the run lock (``acquire_lock``)."""
+
+    def __init__(self, dir: Path, readonly: bool = False) -> None:
         self.dir = Path(dir)
         self.name = self.dir.name
-        self._db = sqlite3.connect(self.dir / "run.sqlite", timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses nothing
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS metrics (name TEXT NOT NULL, step INTEGER NOT NULL, "
-            "value REAL, PRIMARY KEY (name, step))"
-        )
+        self.readonly = readonly
+        self._lock = RunLock(self.dir / "lock")
+        self.db_path = self.dir / "run.sqlite"
+        try:
+            self._db = sqlite3.connect(self.db_path, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a killed process loses nothing
+            if not readonly:
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS metrics (name TEXT NOT NULL, "
+                    "step INTEGER NOT NULL, value REAL, PRIMARY KEY (name, step))"
+                )
+        except sqlite3.DatabaseError as err:
+            raise database_error(self.db_path, err) from err
+
+    @contextmanager
+    def _writing(self, path: Path, cleanup: Path | None = None) -> Iterator[None]:
+        """Every write goes through here: refused on a read-only handle; a disk failure
+        becomes ``StorageError`` naming ``path``."""
+        if self.readonly:
+            raise PermissionError(
+                f"run {self.name!r} was opened read-only (under torchrun only rank 0 writes "
+                "the run); write from rank 0, or open it with RunStore.open(name, lock=True)"
+            )
+        with writing(path, cleanup):
+            yield
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise database_error(self.db_path, err) from err
+
+    # ---- lock -----------------------------------------------------------------------------
+    def acquire_lock(self) -> dict[str, Any] | None:
+        """Become the run's one writer; returns the holder of a stale lock taken over (a
+        process that died while writing), ``RunLockedError`` if a live process holds it."""
+        if self.readonly:
+            raise PermissionError(f"run {self.name!r} was opened read-only; it cannot be locked")
+        return self._lock.acquire()
+
+    def release_lock(self) -> None:
+        self._lock.release()
+
+    def writer(self) -> dict[str, Any] | None:
+        """pid / host / since of the process writing the run now (None: nobody)."""
+        return self._lock.holder()
 
     # ---- meta -----------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return default if not rows else json.loads(rows[0][0])
 
     def set_meta(self, **items: Any) -> None:
-        with self._db:
+        with self._writing(self.db_path), self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [(k, json.dumps(v)) for k, v in items.items()],
@@ -134,8 +201,12 @@ class Run:
 
     @property
     def status(self) -> str:
-        """``running`` (also: killed while running), ``finished`` or ``failed``."""
-        return self.get_meta("status", "running")
+        """One of ``STATUSES``. A run recorded as ``running`` whose lock nobody holds was
+        killed (SIGKILL, power loss): it reads as ``interrupted``."""
+        stored = self.get_meta("status", "running")
+        if stored == "running" and self.writer() is None:
+            return "interrupted"
+        return stored
 
     def mark_running(self) -> None:
         self.set_meta(status="running", error=None)
@@ -146,6 +217,10 @@ class Run:
     def fail(self, error: str) -> None:
         self.set_meta(status="failed", finished=_now(), error=error)
 
+    def interrupt(self, reason: str) -> None:
+        """Stopped from outside (a signal, a full disk); ``--resume`` continues it."""
+        self.set_meta(status="interrupted", finished=None, error=reason)
+
     # ---- metrics --------------------------------------------------------------------------
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Record ``metrics`` at ``step``; committed before returning. Logging a name twice at
@@ -154,54 +229,65 @@ class Run:
         for name, value in metrics.items():
             v = float(value)
             rows.append((name, int(step), None if math.isnan(v) else v))  # SQLite has no NaN
-        with self._db:
+        with self._writing(self.db_path), self._db:
             self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)", rows)
 
     def history(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one metric sorted by step: int64 (T,), float64 (T,)."""
-        rows = self._db.execute(
-            "SELECT step, value FROM metrics WHERE name = ? ORDER BY step", (name,)
-        ).fetchall()
+        rows = self._query("SELECT step, value FROM metrics WHERE name = ? ORDER BY step",
+                           (name,))
         steps = np.array([r[0] for r in rows], dtype=np.int64)
         vals = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
         return steps, vals
 
     def metric_names(self) -> list[str]:
-        rows = self._db.execute("SELECT DISTINCT name FROM metrics ORDER BY name").fetchall()
-        return [r[0] for r in rows]
+        return [r[0] for r in self._query("SELECT DISTINCT name FROM metrics ORDER BY name")]
 
     def latest(self) -> dict[str, tuple[int, float]]:
         """name -> (step, value) of each metric's last record (the table of ``graddyn show``)."""
-        rows = self._db.execute(
+        rows = self._query(
             "SELECT m.name, m.step, m.value FROM metrics m JOIN (SELECT name, MAX(step) AS s "
             "FROM metrics GROUP BY name) l ON m.name = l.name AND m.step = l.s ORDER BY m.name"
-        ).fetchall()
+        )
         return {n: (s, np.nan if v is None else v) for n, s, v in rows}
 
     def truncate_after(self, step: int, prefix: str = "") -> int:
         """Delete metrics logged after ``step`` whose name starts with ``prefix`` (resuming
         from a checkpoint at ``step`` re-creates them). Returns how many rows went."""
-        with self._db:
+        with self._writing(self.db_path), self._db:
             cur = self._db.execute(
                 "DELETE FROM metrics WHERE step > ? AND substr(name, 1, ?) = ?",
                 (int(step), len(prefix), prefix),
             )
         return cur.rowcount
 
+    def recorded_nothing(self) -> bool:
+        """No metric, checkpoint, array or figure yet (a run that failed while starting)."""
+        if self._query("SELECT 1 FROM metrics LIMIT 1"):
+            return False
+        return not any(any(p.is_file() for p in (self.dir / sub).rglob("*"))
+                       for sub in ("checkpoints", "arrays", "figures") if (self.dir / sub).is_dir())
+
     # ---- checkpoints ----------------------------------------------------------------------
     def _ckpt_dir(self, tag: str) -> Path:
         return self.dir / "checkpoints" / tag if tag else self.dir / "checkpoints"
 
     def save_checkpoint(self, step: int, state: dict[str, Any], tag: str = "") -> Path:
-        """``torch.save`` ``state`` as ``checkpoints/[tag/]step_<step>.pt``, atomically (temp
-        file + rename), so a kill mid-write never leaves a truncated latest checkpoint. Keep
-        ``state`` to tensors and plain containers: it is loaded with ``weights_only=True``."""
+        """``torch.save`` ``state`` as ``checkpoints/[tag/]step_<step>.pt``, atomically: the
+        bytes go to a temp file, are synced, then renamed, so a kill or a full disk never
+        leaves a truncated checkpoint (nor the temp file). Keep ``state`` to tensors and
+        plain containers: it is loaded with ``weights_only=True``."""
         d = self._ckpt_dir(tag)
-        d.mkdir(parents=True, exist_ok=True)
         path = d / f"step_{int(step):08d}.pt"
         tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        # serialised in memory first: torch's own file writer reports a full disk as a bare
+        # RuntimeError, a plain write gives the OSError (and errno) that names the cause
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        with self._writing(path, cleanup=tmp):
+            d.mkdir(parents=True, exist_ok=True)
+            write_bytes(tmp, buf.getbuffer())
+            os.replace(tmp, path)
         return path
 
     def checkpoints(self, tag: str = "") -> list[tuple[int, Path]]:
@@ -214,22 +300,37 @@ class Run:
 
     @staticmethod
     def load_checkpoint(path: Path) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        """The state saved at ``path`` (``weights_only=True``); ``CorruptCheckpointError``
+        naming the file if it cannot be read."""
+        return read_checkpoint(path)
 
     def latest_checkpoint(self, tag: str = "") -> tuple[int, dict[str, Any]] | None:
-        """``(step, state)`` of the newest checkpoint, or None if there is none."""
-        ckpts = self.checkpoints(tag)
-        if not ckpts:
-            return None
-        step, path = ckpts[-1]
-        return step, self.load_checkpoint(path)
+        """``(step, state)`` of the newest checkpoint that loads, or None if there is none. An
+        unreadable one (truncated, empty, not a checkpoint) is skipped with a
+        ``CheckpointWarning`` naming it; if none loads, ``CorruptCheckpointError`` lists them."""
+        bad = []
+        for step, path in reversed(self.checkpoints(tag)):
+            try:
+                return step, read_checkpoint(path)
+            except CorruptCheckpointError as err:
+                bad.append(str(err))
+                warnings.warn(f"graddyn: {err}; trying the previous checkpoint",
+                              CheckpointWarning, stacklevel=2)
+        if bad:
+            raise CorruptCheckpointError(
+                f"run {self.name!r} has no intact checkpoint: " + "; ".join(bad)
+                + ". Delete them to start the run over from step 0, or restore them from a copy"
+            )
+        return None
 
     # ---- artifacts ------------------------------------------------------------------------
     def save_figure(self, fig: Any, name: str) -> Path:
         """Save a matplotlib figure as ``figures/<name>.png`` and close it."""
         from graddyn.train._report import save_figure
 
-        return save_figure(fig, self.dir / "figures" / f"{name}.png")
+        path = self.dir / "figures" / f"{name}.png"
+        with self._writing(path):
+            return save_figure(fig, path)
 
     def _array_path(self, name: str, step: int | None) -> Path:
         safe = name.replace("/", "__")
@@ -241,16 +342,18 @@ class Run:
         if isinstance(array, torch.Tensor):
             array = array.detach().cpu().numpy()
         path = self._array_path(name, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, np.asarray(array))
-        os.replace(tmp, path)
+        with self._writing(path, cleanup=tmp):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, np.asarray(array))
+            os.replace(tmp, path)
         return path
 
     def load_array(self, name: str, step: int | None = None) -> np.ndarray:
         return np.load(self._array_path(name, step))
 
     def close(self) -> None:
+        self.release_lock()
         self._db.close()
 
     def __enter__(self) -> Run:
@@ -273,12 +376,14 @@ class RunStore:
         return self.root / check_run_name(name)
 
     def exists(self, name: str) -> bool:
-        return (self.path(name) / "run.sqlite").is_file()
+        """A complete run: a folder killed before its config was written is not one (a new
+        ``create`` takes it over)."""
+        return _is_run(self.path(name))
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / "run.sqlite").is_file())
+        return sorted(p.name for p in self.root.iterdir() if _is_run(p))
 
     def create(
         self,
@@ -286,17 +391,23 @@ class RunStore:
         config: Mapping[str, Any],
         seed: int | None = None,
         experiment: str | None = None,
+        lock: bool = True,
     ) -> Run:
-        """A new run recording config, seed, versions and git SHA; status ``running``."""
+        """A new run recording config, seed, versions and git SHA; status ``running``. The
+        returned handle holds the run lock unless ``lock=False``."""
         if self.exists(name):
             raise RunExistsError(
                 f"run {name!r} already exists in {self.root}/; resume it (--resume), pick "
                 "another name (--name), or delete the folder"
             )
         d = self.path(name)
-        for sub in ("checkpoints", "figures"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
+        with writing(d):
+            for sub in ("checkpoints", "figures"):
+                (d / sub).mkdir(parents=True, exist_ok=True)
         run = Run(d)
+        if lock:
+            with writing(d / "lock"):
+                run.acquire_lock()
         run.set_meta(
             config=dict(config), seed=seed, experiment=experiment, status="running",
             created=_now(), finished=None, error=None,
@@ -304,7 +415,9 @@ class RunStore:
         )
         return run
 
-    def open(self, name: str) -> Run:
+    def open(self, name: str, lock: bool = False, readonly: bool = False) -> Run:
+        """Handle on run ``name``. ``lock=True``: as its one writer (``RunLockedError`` if a
+        live process writes it); ``readonly=True``: every write is refused."""
         if not self.exists(name):
             have = self.names()
             listing = ", ".join(have[:20]) + (" ..." if len(have) > 20 else "")
@@ -312,4 +425,34 @@ class RunStore:
                 f"no run {name!r} in {self.root}/; existing runs: {listing or '(none)'}; "
                 "pass --root if it lives elsewhere"
             )
-        return Run(self.path(name))
+        run = Run(self.path(name), readonly=readonly)
+        if lock:
+            try:
+                with writing(run.dir / "lock"):
+                    stale = run.acquire_lock()
+            except BaseException:
+                run.close()
+                raise
+            if stale:
+                warnings.warn(f"graddyn: run {name!r} was last written by pid {stale.get('pid')} "
+                              f"on {stale.get('host')}, which stopped without releasing it; "
+                              "taking it over", stacklevel=2)
+        return run
+
+
+def _is_run(d: Path) -> bool:
+    """``d`` holds a run whose creation completed (its meta has ``created``); an unreadable
+    database counts as a run, so that opening it reports the damage."""
+    db = d / "run.sqlite"
+    if not db.is_file():
+        return False
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            return bool(con.execute("SELECT 1 FROM meta WHERE key = 'created'").fetchall())
+        finally:
+            con.close()
+    except sqlite3.OperationalError as err:
+        return "no such table" not in str(err)
+    except sqlite3.DatabaseError:
+        return True

@@ -358,4 +358,17 @@ class Trainer:
             )
         self.load_checkpoint_state(st, ck)
         self.run.truncate_after(step, prefix=self.prefix)
+        if step > 0:
+            self._recreate_grad_buffers()
         return True
+
+    def _recreate_grad_buffers(self) -> None:
+        """After step 1 an uninterrupted run always has ``p.grad`` buffers (each step's
+        backward leaves them), and the engine writes the next mean gradient *into* them
+        (one fused ``addmm``), which rounds differently from the fresh product it returns
+        when there is no buffer. A resumed run recreates them so that its next measured
+        step takes the same path: bit for bit. Their values are never read: every step
+        overwrites or clears ``p.grad`` first."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
