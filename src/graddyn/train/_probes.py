@@ -115,12 +115,22 @@ def measure(due: Sequence[Instrument], probes: Iterable[Probe]
             ) -> tuple[dict[str, float], dict[str, Any]]:
     """Reset (unless run-long), update with every probe, compute: (scalar metrics,
     array-valued results) keyed ``"<instrument.name>/<key>"``."""
-    for inst in due:
-        if getattr(inst, "reset_each_probe", True):
-            inst.reset()
+    reset_due(due)
     for probe in probes:
         for inst in due:
             inst.update(probe)
+    return compute_due(due)
+
+
+def reset_due(due: Sequence[Instrument]) -> None:
+    """Start a measurement: reset every instrument that does not accumulate over the run."""
+    for inst in due:
+        if getattr(inst, "reset_each_probe", True):
+            inst.reset()
+
+
+def compute_due(due: Sequence[Instrument]) -> tuple[dict[str, float], dict[str, Any]]:
+    """(scalar metrics, array-valued results) of ``due``, keyed ``"<instrument.name>/<key>"``."""
     scalars: dict[str, float] = {}
     arrays: dict[str, Any] = {}
     for inst in due:
