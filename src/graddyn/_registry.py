@@ -13,10 +13,22 @@ line is answered with the fix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` naming the closest of ``choices`` to ``name``, or ``""``.
+
+    >>> suggest("cofusion", ["confusion", "coherence"])
+    "; did you mean 'confusion'?"
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class UnknownNameError(KeyError):
@@ -27,11 +39,27 @@ class UnknownNameError(KeyError):
 
 
 class Registry(Generic[T]):
-    """A mapping from names to objects of one kind, filled with a decorator."""
+    """A mapping from names to objects of one kind, filled with a decorator.
 
-    def __init__(self, kind: str) -> None:
+    ``loader(name)``: imports what registers ``name`` (None: everything) the first time a
+    name is looked up, so that a registry of heavy modules costs nothing until it is used;
+    it returns True once everything is loaded."""
+
+    def __init__(self, kind: str, loader: Callable[[str | None], bool] | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._loader = loader
+        self._complete = loader is None
+
+    def set_loader(self, loader: Callable[[str | None], bool]) -> None:
+        self._loader, self._complete = loader, False
+
+    def _load(self, name: str | None = None) -> None:
+        if self._complete or (name is not None and name in self._items):
+            return
+        assert self._loader is not None
+        if self._loader(name):
+            self._complete = True
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that files ``obj`` under ``name``; a second use of a name is an error."""
@@ -45,24 +73,32 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        self._load(name)
         try:
             return self._items[name]
         except KeyError:
+            self._load()
+            if name in self._items:
+                return self._items[name]
             valid = ", ".join(sorted(self._items)) or "(none registered)"
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; valid names: {valid}"
+                f"unknown {self.kind} {name!r}{suggest(name, self._items)}; valid names: {valid}"
             ) from None
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
+        if isinstance(name, str):
+            self._load(name)
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
+        self._load()
         return len(self._items)
 
 

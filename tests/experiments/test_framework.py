@@ -46,7 +46,8 @@ def test_parse_overrides_types():
 @pytest.mark.parametrize(
     "item, msg",
     [
-        ("stpes=3", "unknown config key 'stpes' for C; valid keys: steps, lr, flag"),
+        ("stpes=3", "unknown config key 'stpes' for C; did you mean 'steps'\\?; valid keys: "
+                    "steps, lr"),
         ("steps=1.5", "bad value for steps: '1.5' is not int"),
         ("lr=fast", "bad value for lr: 'fast' is not float"),
         ("flag=maybe", "bad value for flag: 'maybe' is not bool"),

@@ -74,10 +74,10 @@ def test_interrupted_sweep_writes_the_manifest_and_gives_the_command(tmp_path, m
 
     real = sweep_module._run_point
 
-    def second_point_interrupted(experiment, overrides, root, run_name):
+    def second_point_interrupted(experiment, overrides, root, run_name, *rest):
         if "noise=0.5" in overrides:
             raise KeyboardInterrupt
-        return real(experiment, overrides, root, run_name)
+        return real(experiment, overrides, root, run_name, *rest)
 
     monkeypatch.setattr(sweep_module, "_run_point", second_point_interrupted)
     with pytest.raises(SweepInterrupted, match="sweep sw interrupted; finished runs are kept; "

@@ -82,6 +82,10 @@ def test_records_overfit_and_memorisation(sweep):
     np.testing.assert_allclose(over, overfit_measure(train, test, 0.5, 10))
     assert "learned_at/frac_learned_corrupt" in run.metric_names()
     assert int(run.load_array("corrupt_mask").sum()) == 50
+    # learned-at steps date from when each example was first learned for good, not from the
+    # evaluation reading them (the tracker lives across evaluations)
+    s_lp, mean_step = run.history("learned_at/mean_step_pristine")
+    assert (mean_step <= s_lp).all() and (mean_step[1:] < s_lp[1:]).any()
 
 
 def test_c0_equals_plain_mean_loss_rule(tmp_path):

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,9 +56,22 @@ class Experiment(ABC):
 
     @classmethod
     def summary(cls) -> str:
-        """First line of the class docstring (shown by ``graddyn list``)."""
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        """First sentence of the class docstring (shown by ``graddyn list``)."""
+        return first_sentence(cls.__doc__ or "")
+
+
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph on one line, without reST
+    markup (````code```` -> ``code``).
+
+    >>> first_sentence("Tracks ``learned_at``\\nsteps. More text.\\n\\nDetails.")
+    'Tracks learned_at steps.'
+    """
+    para = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    para = re.sub(r"``([^`]*)``", r"\1", para).replace(":math:", "")
+    # a full stop before a capital or the end, not that of "e.g.", "i.e.", "et al."
+    match = re.search(r"(?<!\be\.g)(?<!\bi\.e)(?<!\bal)\.(?=\s+[A-Z]|\s*$)", para)
+    return para[: match.start() + 1] if match else para
 
 
 # name -> Experiment subclass; each module graddyn/experiments/<name>.py registers itself.

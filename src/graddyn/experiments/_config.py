@@ -119,9 +119,11 @@ def check_key(config_cls: type, key: str) -> Any:
     """The type of field ``key``; ``ConfigError`` listing the valid keys if there is none."""
     types_ = field_types(config_cls)
     if key not in types_:
+        from graddyn._registry import suggest
+
         raise ConfigError(
-            f"unknown config key {key!r} for {config_cls.__name__}; valid keys: "
-            + ", ".join(types_)
+            f"unknown config key {key!r} for {config_cls.__name__}{suggest(key, types_)}; "
+            "valid keys: " + ", ".join(types_)
         )
     return types_[key]
 
@@ -175,3 +177,88 @@ def default_run_name(experiment: str, config: Any, max_len: int = 120) -> str:
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
         name = f"{name[: max_len - 11]}-{digest}"
     return name
+
+
+def type_name(tp: Any) -> str:
+    """Short spelling of a field type for ``graddyn list NAME``: ``int``, ``{mlp,cnn}``,
+    ``tuple[int,...]``, ``float|None``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (Union, types.UnionType):
+        return "|".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin in (tuple, list):
+        inner = ",".join("..." if a is Ellipsis else type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_help(config_cls: type) -> dict[str, str]:
+    """One line of help per field, from the class source: the field's trailing ``# comment``
+    (or the comment line just above it), else the first sentence of the class docstring
+    that names it in ````name````."""
+    import inspect
+
+    from graddyn.experiments._base import first_sentence
+
+    names = set(field_types(config_cls))
+    out: dict[str, str] = {}
+    try:
+        lines = inspect.getsource(config_cls).splitlines()
+    except (OSError, TypeError):
+        lines = []
+    above = ""
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#"):
+            above = (above + " " + text.lstrip("# ")).strip()
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        if m and m.group(1) in names and m.group(1) not in out:
+            out[m.group(1)] = first_sentence(m.group(2) or above)
+        above = ""
+    doc = " ".join((config_cls.__doc__ or "").split())
+    for name in names:
+        if not out.get(name):
+            said = [s for s in re.split(r"(?<=\.)\s+", doc)
+                    if f"``{name}``" in s or s.startswith(f"``{name}=")]
+            out[name] = first_sentence(said[0]) if said else COMMON_HELP.get(name, "")
+    return out
+
+
+# Help for the keys most experiments share, where their own source says nothing more.
+COMMON_HELP = {
+    "seed": "random seed (data order, initialisation, label noise)",
+    "seeds": "random seeds; results are reported over them",
+    "lr": "learning rate",
+    "steps": "optimizer steps",
+    "epochs": "passes over the training set",
+    "batch_size": "minibatch size",
+    "dataset": "dataset name (graddyn list datasets)",
+    "data_root": "folder of local datasets ('' -> $GRADDYN_DATA or ./data)",
+    "model": "model family (graddyn list models)",
+    "width": "hidden units per layer",
+    "depth": "hidden layers",
+    "init": "weight initialisation (xavier, xavier-sqrt2, kaiming, orthogonal, gaussian)",
+    "n_train": "training examples used",
+    "n_test": "test examples used",
+    "noise": "fraction of training labels shuffled among themselves",
+    "eval_every": "steps between evaluations on the training and test sets",
+    "eval_points": "evaluations on the training and test sets over the run",
+    "checkpoint_every": "steps between checkpoints (what --resume continues from)",
+    "checkpoint_points": "checkpoints over the run (what --resume continues from)",
+    "optimizer": "optimizer",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay",
+    "classes": "number of classes",
+    "dim": "input dimension",
+    "study": "which sub-study to run",
+}
+
+
+def describe_config(config_cls: type) -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` of every field, in declaration order."""
+    default = config_cls()
+    helps = field_help(config_cls)
+    return [(name, type_name(tp), format_value(getattr(default, name)), helps.get(name, ""))
+            for name, tp in field_types(config_cls).items()]

@@ -110,6 +110,7 @@ def run_experiment(
     resume: bool | Literal["if-exists"] = False,
     config: Any = None,
     progress: bool | None = None,
+    log: Sequence[str] = (),
 ) -> Run:
     """Run experiment ``name`` with ``overrides`` (``["key=value", ...]``) as a run in ``root``.
 
@@ -120,7 +121,11 @@ def run_experiment(
     resume); ``"if-exists"`` starts it instead (sweeps, the demo). While it runs, this process
     holds the run lock. It ends ``finished``; ``failed`` (with the error) if
     ``Experiment.run`` raises; ``interrupted`` on Ctrl-C / SIGTERM (``RunInterrupted``) or a
-    disk that refuses a write. Under ``torchrun`` only rank 0 writes; see ``_follow``."""
+    disk that refuses a write. Under ``torchrun`` only rank 0 writes; see ``_follow``.
+    ``log``: also copy every metric to ``"tensorboard"`` / ``"mlflow"`` (``Run.log_to``)."""
+    from graddyn.train._sinks import check_sinks
+
+    log = check_sinks(log)  # before anything is created: a typo or missing package stops here
     exp = get_experiment(name)
     cfg = config if config is not None else parse_overrides(exp.Config, overrides)
     run_name = check_run_name(run_name or default_run_name(name, cfg))
@@ -141,6 +146,7 @@ def run_experiment(
                 run.release_lock()
                 return run
             run.mark_running()
+            run.log_to(*log)
         except BaseException:
             run.release_lock()
             raise
@@ -155,6 +161,7 @@ def run_experiment(
                        experiment=name)
     try:
         run.set_meta(overrides=list(overrides))
+        run.log_to(*log)
     except BaseException:
         run.release_lock()
         raise
@@ -282,8 +289,12 @@ def _status_line(run: Run) -> str:
 
 
 def show(target: str, *, root: str | Path = "runs") -> str:
-    """A text table of a run's latest metrics, after its status, seed, SHA and config."""
-    run = RunStore(root).open(target)
+    """A text table of a run's latest metrics, after its status, seed, SHA and config; for a
+    sweep, one row per point (status, grid values, the main final metrics)."""
+    store = RunStore(root)
+    if (store.path(target) / SWEEP_MANIFEST).is_file():
+        return _show_sweep(target, store)
+    run = store.open(target)
     lines = [
         f"run        {run.name}  ({run.dir})",
         f"experiment {run.experiment}",
@@ -299,4 +310,39 @@ def show(target: str, *, root: str | Path = "runs") -> str:
     width = max(len(n) for n in latest)
     lines.append(f"{'metric':<{width}}  {'step':>8}  value")
     lines += [f"{n:<{width}}  {s:>8}  {v:.6g}" for n, (s, v) in latest.items()]
+    return "\n".join(lines)
+
+
+def headline_metrics(latest: Sequence[dict[str, Any]], most: int = 6) -> list[str]:
+    """The final metrics to put in a summary of several runs: those every run has, accuracy
+    and loss first (so the columns a reader looks for come first), then by name."""
+    common = set.intersection(*(set(lat) for lat in latest)) if latest else set()
+
+    def rank(name: str) -> tuple[int, str]:
+        first = ("test/acc", "train/acc", "test/loss", "train/loss")
+        return (first.index(name) if name in first else 4 + ("acc" not in name), name)
+
+    return sorted(common, key=rank)[:most]
+
+
+def _show_sweep(target: str, store: RunStore) -> str:
+    info = json.loads((store.path(target) / SWEEP_MANIFEST).read_text())
+    axes = list(info["grid"])
+    runs = [store.open(n) for n in info["runs"] if store.exists(n)]
+    latest = [r.latest() for r in runs]
+    metrics = headline_metrics(latest)
+    header = ["run", "status", *axes, *metrics]
+    rows = [[r.name, r.status, *[str(r.config.get(a)) for a in axes],
+             *[f"{lat[m][1]:.4g}" for m in metrics]] for r, lat in zip(runs, latest)]
+    missing = [n for n in info["runs"] if not store.exists(n)]
+    rows += [[n, "not started", *[""] * (len(header) - 2)] for n in missing]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = [f"sweep      {target}  ({store.path(target)})",
+             f"experiment {info['experiment']}   grid {json.dumps(info['grid'])}"
+             + (f"   --set {' '.join(info.get('base', []))}" if info.get("base") else ""),
+             f"created    {info.get('created')}   git {info.get('git_sha')}", ""]
+    lines += ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip()
+              for row in [header, *rows]]
+    for r in runs:
+        r.close()
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import itertools
 import json
 import shlex
 import signal
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,25 +100,26 @@ def sweep_command(experiment: str, grid: Sequence[str], base: Sequence[str], roo
     return shlex.join(parts)
 
 
-def _run_point(experiment: str, overrides: list[str], root: str, run_name: str) -> str | None:
+def _run_point(experiment: str, overrides: list[str], root: str, run_name: str,
+               log: Sequence[str] = ()) -> str | None:
     """Run (or resume) one grid point; returns the error text or None."""
     try:
         run_experiment(experiment, overrides, root=root, run_name=run_name,
-                       resume="if-exists", progress=False)
+                       resume="if-exists", progress=False, log=log)
     except Exception as err:  # recorded in the run and the manifest; others go on
         return f"{type(err).__name__}: {err}"
     return None
 
 
 def _point_process(experiment: str, overrides: list[str], root: str, run_name: str,
-                   conn: Any) -> None:
+                   log: Sequence[str], conn: Any) -> None:
     """Body of one point's worker process: its result goes back through ``conn``."""
     import torch
 
     torch.set_num_threads(1)  # workers share the machine's cores
     interrupt_on_sigterm()  # the run is marked interrupted, then the worker exits
     try:
-        conn.send(_run_point(experiment, overrides, root, run_name))
+        conn.send(_run_point(experiment, overrides, root, run_name, log))
     except KeyboardInterrupt as err:
         conn.send(f"interrupted: {err}")
     finally:
@@ -138,15 +140,23 @@ def run_sweep(
     root: str | Path = "runs",
     workers: int = 1,
     name: str | None = None,
+    log: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Run every grid point of ``experiment`` (``workers`` processes; 1 = in this process).
 
     All points are validated before anything starts. Finished runs are skipped; a failing
     point, or a worker process that is killed, is recorded (in its run and the manifest's
     ``status`` / ``errors``, rewritten as each point ends) without stopping the others.
-    Ctrl-C raises ``SweepInterrupted`` with the command that resumes the sweep."""
+    Ctrl-C raises ``SweepInterrupted`` with the command that resumes the sweep. ``log``:
+    also copy each run's metrics (``Run.log_to``); ``progress(line)``: called with one line
+    as each point ends (its status and time), e.g. ``print``."""
     exp = get_experiment(experiment)
     axes = parse_grid(exp.Config, grid)
+    both = sorted(set(axes) & {split_override(b)[0] for b in base})
+    if both:
+        raise ConfigError(f"{', '.join(both)} given both as a --grid axis and with --set; the "
+                          "grid would override --set: drop one of them")
     points = expand_grid(axes, base)
     names = [default_run_name(experiment, parse_overrides(exp.Config, p)) for p in points]
     if workers < 1:
@@ -181,17 +191,27 @@ def run_sweep(
         else:
             todo.append((pt, rn))
 
+    started = time.monotonic()
+    if progress is not None:
+        progress(f"sweep {sname}: {len(points)} points, {len(result.skipped)} already finished, "
+                 f"{len(todo)} to run with {min(workers, max(len(todo), 1))} worker(s)")
+
     def done(run_name: str, error: str | None) -> None:
         if error is not None:
             result.failed[run_name] = error
         record()
+        if progress is not None:
+            ended = len(result.failed) + sum(s == "finished" for s in manifest["status"].values())
+            state = "failed: " + error.splitlines()[0] if error else manifest["status"][run_name]
+            progress(f"[{min(ended, len(points))}/{len(points)}] {run_name}: {state} "
+                     f"({time.monotonic() - started:.0f} s into the sweep)")
 
     try:
         if workers == 1 or len(todo) <= 1:
             for pt, rn in todo:
-                done(rn, _run_point(experiment, pt, str(root), rn))
+                done(rn, _run_point(experiment, pt, str(root), rn, log))
         else:
-            _in_processes(experiment, todo, str(root), workers, done)
+            _in_processes(experiment, todo, str(root), workers, done, log)
     except KeyboardInterrupt:
         record()
         cmd = sweep_command(experiment, grid, base, root, workers, sname)
@@ -201,7 +221,7 @@ def run_sweep(
 
 
 def _in_processes(experiment: str, todo: list[tuple[list[str], str]], root: str, workers: int,
-                  done: Callable[[str, str | None], None]) -> None:
+                  done: Callable[[str, str | None], None], log: Sequence[str] = ()) -> None:
     """One fresh worker process per point, at most ``workers`` at a time, so a worker that is
     killed (SIGKILL, out of memory) takes only its own point down: that run is marked
     ``interrupted`` and the others go on."""
@@ -213,7 +233,8 @@ def _in_processes(experiment: str, todo: list[tuple[list[str], str]], root: str,
             while pending and len(active) < workers:
                 pt, rn = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_point_process, args=(experiment, pt, root, rn, send),
+                proc = ctx.Process(target=_point_process,
+                                   args=(experiment, pt, root, rn, list(log), send),
                                    name=f"graddyn-sweep-{rn}")
                 proc.start()
                 send.close()

@@ -172,7 +172,9 @@ def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None) -> Trainer:
         model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
         batch_size=cfg.batch_size, seed=cfg.seed, rule=rule, groups=mask, run=run,
         probe_size=len(data.train_y), probe_batch_size=1000,
-        instruments=[(LearnedAt(), evals)], eval_schedule=evals,
+        # run_long: the record of when each example was learned lives across evaluations
+        # (reset at each one, every learned example would date from the current step)
+        instruments=[(LearnedAt(run_long=True), evals)], eval_schedule=evals,
         checkpoint_schedule=every(max(1, math.ceil(steps / cfg.checkpoint_points))) | at_end,
     )
 

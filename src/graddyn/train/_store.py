@@ -126,6 +126,7 @@ class Run:
         self.name = self.dir.name
         self.readonly = readonly
         self._lock = RunLock(self.dir / "lock")
+        self._sinks: list[Any] = []  # TensorBoard / MLflow copies of every log (log_to)
         self.db_path = self.dir / "run.sqlite"
         try:
             self._db = sqlite3.connect(self.db_path, timeout=60)
@@ -168,6 +169,8 @@ class Run:
         return self._lock.acquire()
 
     def release_lock(self) -> None:
+        """Stop writing the run: its sinks are flushed and closed, then the lock released."""
+        self.close_sinks()
         self._lock.release()
 
     def writer(self) -> dict[str, Any] | None:
@@ -231,6 +234,36 @@ class Run:
             rows.append((name, int(step), None if math.isnan(v) else v))  # SQLite has no NaN
         with self._writing(self.db_path), self._db:
             self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)", rows)
+        for sink in list(self._sinks):
+            self._mirror(sink, lambda s: s.log(step, metrics))
+
+    # ---- copies for other tools (train/_sinks.py) ------------------------------------------
+    def log_to(self, *names: str) -> Run:
+        """Mirror every later ``log`` to ``"tensorboard"`` and / or ``"mlflow"`` (see
+        ``graddyn.train._sinks``); the database stays the source of truth."""
+        from graddyn.train._sinks import check_sinks, open_sink
+
+        for name in check_sinks(names):
+            self._sinks.append(open_sink(name, self))
+        return self
+
+    def _mirror(self, sink: Any, call: Any) -> None:
+        """A sink that fails is dropped with a warning: the run goes on (its database has
+        everything; ``graddyn export`` rewrites the copy)."""
+        try:
+            call(sink)
+        except Exception as err:
+            self._sinks.remove(sink)
+            warnings.warn(f"graddyn: run {self.name!r}: stopped copying metrics to "
+                          f"{type(sink).__name__} ({type(err).__name__}: {err}); the run "
+                          f"goes on; `graddyn export {self.name} --to ...` rewrites the copy",
+                          stacklevel=3)
+
+    def close_sinks(self) -> None:
+        status = self.get_meta("status") if self._sinks else None
+        for sink in list(self._sinks):
+            self._mirror(sink, lambda s: s.close(status))
+        self._sinks = []
 
     def history(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of one metric sorted by step: int64 (T,), float64 (T,)."""
