@@ -43,3 +43,29 @@ def test_readme_model_section_snippets_run(capsys, recwarn):
     import graddyn
 
     assert not [w for w in recwarn if issubclass(w.category, graddyn.pergrad.ExactPathWarning)]
+
+
+def test_readme_lightning_and_hugging_face_snippets_run(capsys, tmp_path, monkeypatch):
+    """Every python block of "Use it from Lightning / Hugging Face" runs as written (in a
+    scratch folder: they write logs there)."""
+    import warnings
+
+    import pytest
+
+    pytest.importorskip("lightning")
+    pytest.importorskip("accelerate")
+    monkeypatch.chdir(tmp_path)
+    torch.set_default_dtype(torch.float32)
+    text = README.read_text()
+    section = text[text.index("## Use it from Lightning / Hugging Face"):]
+    section = section[: section.index("\n## ", 4)]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the frameworks' advice on workers and log intervals
+        for block in blocks:
+            exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("20 ") for line in printed)  # alpha at each of the 20 steps
+    float(printed[-1])  # the Hugging Face block prints eta at step 10
+    assert list((tmp_path / "logs").rglob("metrics.csv"))

@@ -6,7 +6,8 @@ Layout of ``runs/<name>/``::
                       created, finished, error) and metrics (name, step, value)
     lock              held (``flock``) by the one process writing the run; see ``_lock``
     checkpoints/      [<tag>/]step_00000100.pt   (written to a temp file, then renamed)
-    figures/          PNGs
+    figures/          PNGs saved with ``Run.save_figure`` (only if any; ``graddyn report``
+                      writes its page and figures to ``report/``)
     arrays/           small .npy arrays (heatmaps, Gram matrices)
 
 Every ``log`` is its own committed transaction in WAL mode, so a run killed at any moment
@@ -435,8 +436,7 @@ class RunStore:
             )
         d = self.path(name)
         with writing(d):
-            for sub in ("checkpoints", "figures"):
-                (d / sub).mkdir(parents=True, exist_ok=True)
+            (d / "checkpoints").mkdir(parents=True, exist_ok=True)
         run = Run(d)
         if lock:
             with writing(d / "lock"):
