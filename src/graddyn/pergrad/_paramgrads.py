@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ._cost import MATERIALIZE_BUDGET_BYTES, ghost_flops, materialize_bytes, prefer_ghost
+from ._cost import prefer_ghost
 from ._factors import Outer, dense_cross, ghost_cross, ghost_diag
 
 STRATEGIES = ("auto", "ghost", "materialize")
@@ -167,20 +167,7 @@ def _use_ghost(a: ParamGrads, b: ParamGrads, fa: list[Outer], fb: list[Outer],
         return False
     if a.strategy != "auto":
         return a.strategy == "ghost"
-    if not any(built):
-        return prefer_ghost(fa, fb if b is not a else fa, diag)
-    if materialize_bytes(fa, fb, diag) > MATERIALIZE_BUDGET_BYTES:
-        return True
-    gb, p, q = fa[0].layout
-    pairs = fa[0].n if diag else fa[0].n * fb[0].n
-    cost = gb * p * q * pairs + sum(_build_flops(side) for side, done in zip((fa, fb), built)
-                                    if not done)
-    return ghost_flops(fa, fb, diag) <= cost
-
-
-def _build_flops(side: list[Outer]) -> float:
-    """Flops of materialising one side's per-example gradients (as ``_cost``)."""
-    return sum(f.n * f.layout[0] * f.t * (1 if f.index else f.p) * f.layout[2] for f in side)
+    return prefer_ghost(fa, fb if b is not a else fa, diag, built)
 
 
 def _compact_ids(a: ParamGrads, b: ParamGrads) -> tuple[Outer, Outer] | None:
