@@ -234,3 +234,12 @@ def test_export_without_the_package_names_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     code, _, err = run_cli(capsys, "export", "e", "--to", "mlflow", "--root", root)
     assert code == 2 and "pip install 'graddyn[mlflow]'" in err
+
+
+def test_every_experiment_key_has_help():
+    from graddyn.experiments import EXPERIMENTS
+    from graddyn.experiments._config import describe_config
+
+    missing = {name: [k for k, _, _, h in describe_config(EXPERIMENTS.get(name).Config) if not h]
+               for name in EXPERIMENTS.names()}
+    assert not {n: m for n, m in missing.items() if m}

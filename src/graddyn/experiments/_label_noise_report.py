@@ -169,6 +169,7 @@ def _lines(hist: Histories, spec: list[tuple[str, str]], path: Path) -> Path:
                 ax.plot(*h[name], color=colors[f], label=f"{round(100 * f)} % noise")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel(title.split(" (")[0], fontsize=8)
         if name.startswith("batch_coherence"):
             ax.set_xscale("symlog", linthresh=10)
     axes[0, 0].legend(fontsize=7)
@@ -186,6 +187,7 @@ def _learned(hist: Histories, path: Path) -> Path:
                 ax.plot(*curve, style, color=colors[f], label=f"{round(100 * f)} % {group}")
     ax.set_title("fraction learned (solid pristine, dashed corrupt)", fontsize=9)
     ax.set_xlabel("step")
+    ax.set_ylabel("fraction of the group learned", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     return save_figure(fig, path)
 
@@ -208,6 +210,7 @@ def _split(hist: Histories, keys: tuple[str, str], path: Path) -> Path:
                 ax.plot(*h[name], ":", color=colors[f], linewidth=0.8)
         ax.set_title(titles[key] + " (dotted: null worlds)", fontsize=8)
         ax.set_xlabel("step")
+        ax.set_ylabel(key, fontsize=8)
     axes[0, 0].legend(fontsize=7)
     return save_figure(fig, path)
 

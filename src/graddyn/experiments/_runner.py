@@ -24,7 +24,7 @@ from graddyn.experiments._config import (
 )
 from graddyn.train import Run, RunExistsError, RunNotFoundError, RunStore, seed_all, set_progress
 from graddyn.train._diskio import is_storage_error
-from graddyn.train._report import write_html_report
+from graddyn.train._report_html import headline_metrics, write_html_report
 from graddyn.train._store import check_run_name
 from graddyn.train._trainer import progress_enabled
 
@@ -311,18 +311,6 @@ def show(target: str, *, root: str | Path = "runs") -> str:
     lines.append(f"{'metric':<{width}}  {'step':>8}  value")
     lines += [f"{n:<{width}}  {s:>8}  {v:.6g}" for n, (s, v) in latest.items()]
     return "\n".join(lines)
-
-
-def headline_metrics(latest: Sequence[dict[str, Any]], most: int = 6) -> list[str]:
-    """The final metrics to put in a summary of several runs: those every run has, accuracy
-    and loss first (so the columns a reader looks for come first), then by name."""
-    common = set.intersection(*(set(lat) for lat in latest)) if latest else set()
-
-    def rank(name: str) -> tuple[int, str]:
-        first = ("test/acc", "train/acc", "test/loss", "train/loss")
-        return (first.index(name) if name in first else 4 + ("acc" not in name), name)
-
-    return sorted(common, key=rank)[:most]
 
 
 def _show_sweep(target: str, store: RunStore) -> str:

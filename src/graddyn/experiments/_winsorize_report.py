@@ -245,6 +245,8 @@ def grid_figure(hist: Histories, k: int, title: str, path: Path) -> Path:
             ax.set_ylim(-0.15, 1.05)
             ax.set_title(f"noise {round(100 * eps)} %, c = {c}", fontsize=8)
             ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel("accuracy / overfit", fontsize=7)
             if r == len(levels) - 1:
                 ax.set_xlabel("step", fontsize=7)
     next(ax for ax in axes.flat if ax.get_visible()).legend(fontsize=6)
@@ -266,6 +268,7 @@ def overfit_figure(hist: Histories, k: int, title: str, path: Path) -> Path:
                         color=cmap(0.9 * i / max(1, len(cs) - 1)))
         ax.set_title(f"overfit, noise {round(100 * eps)} %", fontsize=8)
         ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("overfit", fontsize=7)
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=6)
     fig.suptitle(f"winsorized SGD, {title}", fontsize=9)

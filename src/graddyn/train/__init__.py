@@ -9,7 +9,8 @@ Runs live in a ``RunStore`` (SQLite + checkpoint files) and resume bit for bit.
 from graddyn.train._events import Batch, Event, Intervention, OnEvent, State
 from graddyn.train._measured import measured_backward
 from graddyn.train._probes import Engine, pergrad_engine
-from graddyn.train._report import new_figure, plot_histories, save_figure, write_html_report
+from graddyn.train._report import new_figure, plot_histories, save_figure
+from graddyn.train._report_html import write_html_report
 from graddyn.train._rng import get_rng_state, seed_all, set_rng_state
 from graddyn.train._rules import GradientRule, LossFn, MeanLoss, per_example_cross_entropy
 from graddyn.train._schedules import Schedule, at, at_end, every, fires, logspaced
