@@ -46,7 +46,6 @@ def list_registry(what: str) -> list[str]:
         pkg = importlib.import_module(module)
         if what == "experiments":
             found = {n: summary for n, (_, summary) in pkg.index().items()}
-            found["smoke"] = pkg.EXPERIMENTS.get("smoke").summary()
         else:
             reg = getattr(pkg, attr)
             found = {n: _summary(reg.get(n), first_sentence) for n in reg.names()}
@@ -245,15 +244,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before any heavy import: --help stays instant
     from graddyn._registry import UnknownNameError
     from graddyn.experiments._config import ConfigError
-    from graddyn.experiments._runner import interrupt_on_sigterm
-    from graddyn.train import RunExistsError, RunNotFoundError
-    from graddyn.train._lock import RunLockedError
-    from graddyn.train._store import InvalidRunNameError
 
-    usage = (UsageError, UnknownNameError, ConfigError, RunExistsError, RunNotFoundError,
-             InvalidRunNameError, RunLockedError)
+    usage: tuple[type[BaseException], ...] = (UsageError, UnknownNameError, ConfigError)
     in_main = threading.current_thread() is threading.main_thread()  # signal() needs it
-    previous = interrupt_on_sigterm() if in_main else None
+    previous, installed = None, False
+    if args.command != "list":  # `graddyn list experiments` needs neither torch nor runs
+        from graddyn.experiments._runner import interrupt_on_sigterm
+        from graddyn.train import RunExistsError, RunNotFoundError
+        from graddyn.train._lock import RunLockedError
+        from graddyn.train._store import InvalidRunNameError
+
+        usage += (RunExistsError, RunNotFoundError, InvalidRunNameError, RunLockedError)
+        if in_main:
+            previous, installed = interrupt_on_sigterm(), True
     formatter, warnings.formatwarning = warnings.formatwarning, _warning
     try:
         return args.func(args)
@@ -274,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.formatwarning = formatter
-        if in_main:
+        if installed:
             signal.signal(signal.SIGTERM, previous)
 
 

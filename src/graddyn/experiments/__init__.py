@@ -28,9 +28,22 @@ from graddyn.experiments._config import (
 
 # module name -> "ExceptionType: message" of experiment modules that failed to import
 IMPORT_ERRORS: dict[str, str] = {}
+BUILT_IN = "_smoke"  # the framework's own seconds-long experiment, "smoke"
+
+# the framework (it imports torch), loaded on first use: `from graddyn.experiments import
+# run_experiment` works as before
+_LAZY = {"get_experiment": "_runner", "report": "_runner", "run_experiment": "_runner",
+         "show": "_runner", "SweepResult": "_sweep", "run_sweep": "_sweep"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _discover() -> None:
+    _import(BUILT_IN)
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             _import(info.name)
@@ -49,7 +62,7 @@ def index() -> dict[str, tuple[str, str]]:
     ``@EXPERIMENTS.register("name")`` classes and their docstrings) without importing them."""
     out: dict[str, tuple[str, str]] = {}
     for info in pkgutil.iter_modules(__path__):
-        if info.name.startswith("_"):
+        if info.name.startswith("_") and info.name != BUILT_IN:
             continue
         folder = Path(info.module_finder.path)  # type: ignore[union-attr]
         path = folder / info.name / "__init__.py" if info.ispkg else folder / f"{info.name}.py"
@@ -85,15 +98,6 @@ def _load(name: str | None) -> bool:
     _discover()
     return True
 
-
-from graddyn.experiments import _smoke  # noqa: E402,F401  (registers the built-in "smoke")
-from graddyn.experiments._runner import (  # noqa: E402
-    get_experiment,
-    report,
-    run_experiment,
-    show,
-)
-from graddyn.experiments._sweep import SweepResult, run_sweep  # noqa: E402
 
 EXPERIMENTS.set_loader(_load)
 

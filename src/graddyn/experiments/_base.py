@@ -18,10 +18,12 @@ import inspect
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from graddyn._registry import Registry
-from graddyn.train import Run, plot_histories
+
+if TYPE_CHECKING:  # graddyn.train imports torch: not needed to list or describe experiments
+    from graddyn.train import Run
 
 
 class Experiment(ABC):
@@ -45,6 +47,8 @@ class Experiment(ABC):
     def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
         """Draw figures for one run or a sweep of runs into ``out_dir``; return PNG paths.
         Default: one panel per metric (up to 12), one line per run."""
+        from graddyn.train import plot_histories
+
         names = sorted({n for r in runs for n in r.metric_names()})[:12]
         if not names:
             return []

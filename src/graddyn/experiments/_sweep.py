@@ -225,7 +225,12 @@ def _in_processes(experiment: str, todo: list[tuple[list[str], str]], root: str,
     """One fresh worker process per point, at most ``workers`` at a time, so a worker that is
     killed (SIGKILL, out of memory) takes only its own point down: that run is marked
     ``interrupted`` and the others go on."""
-    ctx = _mp_context(("graddyn.experiments",))  # workers fork from a server that has torch
+    from graddyn.experiments import index
+
+    # workers fork from a server that has torch and this experiment's module imported
+    module = index().get(experiment, ("",))[0]
+    ctx = _mp_context(("graddyn.experiments",
+                       *([f"graddyn.experiments.{module}"] if module else [])))
     pending = list(todo)
     active: dict[Any, tuple[str, Any, Any]] = {}  # sentinel -> (run name, process, pipe)
     try:
