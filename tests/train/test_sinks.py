@@ -117,3 +117,15 @@ def test_only_live_targets_follow_a_run(tmp_path):
     with pytest.raises(ValueError, match="'csv' cannot follow a live run"):
         open_sink("csv", run)
     run.release_lock()
+
+
+def test_a_resumed_run_keeps_copying_where_it_did(tmp_path):
+    pytest.importorskip("tensorboard")
+    from graddyn.experiments import run_experiment
+
+    run = run_experiment("smoke", ["steps=4", "sleep=0"], root=tmp_path, run_name="r",
+                         progress=False, log=["tensorboard"])
+    run.set_meta(status="interrupted")
+    again = run_experiment("smoke", root=tmp_path, run_name="r", resume=True, progress=False)
+    assert again.get_meta("log") == ["tensorboard"]
+    assert len(list((tmp_path / "r" / "tensorboard").glob("events.out.tfevents*"))) == 2

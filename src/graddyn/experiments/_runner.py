@@ -146,7 +146,7 @@ def run_experiment(
                 run.release_lock()
                 return run
             run.mark_running()
-            run.log_to(*log)
+            run.log_to(*(log or run.get_meta("log", [])))  # a resume keeps the run's copies
         except BaseException:
             run.release_lock()
             raise
@@ -160,7 +160,7 @@ def run_experiment(
     run = store.create(run_name, config_to_dict(cfg), seed=getattr(cfg, "seed", None),
                        experiment=name)
     try:
-        run.set_meta(overrides=list(overrides))
+        run.set_meta(overrides=list(overrides), log=list(log))
         run.log_to(*log)
     except BaseException:
         run.release_lock()
