@@ -149,7 +149,8 @@ def test_demo_runs_label_noise_and_reports(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--root", str(tmp_path), "--quiet"]) == 0
     out = tmp_path / f"demo-{NAME}" / "report"
     assert "demo report:" in capsys.readouterr().out
-    assert "label-noise-verdict" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "<h2>Verdicts</h2>" in page and "label-noise-verdict" not in page  # HTML, not PNG
 
 
 def test_cli_run_good_and_bad(tmp_path, capsys):
