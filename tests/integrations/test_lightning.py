@@ -154,3 +154,29 @@ def test_refusals_name_the_fix(tmp_path):
                              precision="16-mixed")
     with pytest.raises(ValueError, match="use precision='bf16-mixed'"):
         cb.on_train_start(scaled, SimpleNamespace(automatic_optimization=True))
+
+
+def test_per_example_losses_of_the_wrong_shape_and_a_rescaled_loss_are_refused():
+    from graddyn.integrations.lightning import _check_output
+
+    with pytest.raises(ValueError, match="must be a \\(B,\\) tensor of per-example losses"):
+        _check_output({"loss": torch.tensor(1.0), "losses": torch.ones(2, 2)})
+    cb = GraddynCallback([(Confusion(), every(1))])
+    cb._trainer = SimpleNamespace(accumulate_grad_batches=1)
+    cb.meter.armed = True
+    cb._out = {"loss": torch.tensor(2.0), "losses": torch.tensor([1.0, 3.0])}
+    backward = cb._backward(lambda loss: None)
+    with pytest.raises(ValueError, match="did a plugin rescale it"):
+        backward(torch.tensor(4.0))  # e.g. a loss scaler multiplied it
+
+
+def test_missing_lightning_is_named(monkeypatch):
+    import importlib
+    import sys
+
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning",
+                 "graddyn.integrations.lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "graddyn.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'graddyn\[lightning\]'"):
+        importlib.import_module("graddyn.integrations.lightning")

@@ -155,3 +155,24 @@ def test_refusals_name_the_fix(tmp_path):
                             per_example_loss=lambda m, o, i: 2 * per_example_loss(m, o, i))
     with pytest.raises(ValueError, match="pass per_example_loss= matching the model's loss"):
         _train(tmp_path, _bert(), wrong)
+
+
+def test_a_model_without_labels_is_refused(tmp_path):
+    torch.set_default_dtype(torch.float32)
+    cb = GraddynCallback([(Confusion(), every(1))])
+    model = _bert()
+    cb.meter.begin_step(1, False)
+    cb._arm(model)
+    with pytest.raises(ValueError, match="needs the batch's 'labels' to reach the model"):
+        model(input_ids=torch.randint(0, 50, (B, T)))  # no labels: the model computes no loss
+    cb.on_train_end(None, None, None)
+
+
+def test_missing_transformers_is_named(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "graddyn.integrations.transformers")
+    with pytest.raises(ImportError, match="pip install transformers accelerate"):
+        importlib.import_module("graddyn.integrations.transformers")
