@@ -1,0 +1,37 @@
+"""What every multi-seed study shares: checking its ``seeds`` and loading its data with the
+configured input preprocessing.
+
+Preprocessing (``preprocess``): ``"scale"`` divides pixels by their maximum (255 for MNIST,
+as the coherent-gradients code does; MNIST-1D keeps its generator's normalisation);
+``"standardize"`` also subtracts the training mean and divides by the training standard
+deviation per channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+PREPROCESS = ("scale", "standardize")
+
+
+def check_seeds(seeds: Sequence[int]) -> None:
+    """``ValueError`` naming the fix unless ``seeds`` is a non-empty list of distinct ints."""
+    if not seeds:
+        raise ValueError("seeds must be a non-empty list, e.g. seeds=0,1,2 (verdicts need >= 2)")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {tuple(seeds)}: a repeated seed repeats "
+                         "the same run and shrinks the interval falsely")
+
+
+def load_study_data(name: str, root: str, preprocess: str):  # -> DataSplits
+    """Dataset ``name`` with ``preprocess`` (see the module docstring); ``root`` "" is the
+    default data folder."""
+    from graddyn.data import dataset_options, load_dataset
+
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got "
+                         f"{preprocess!r}")
+    if "standardize" not in dataset_options(name):
+        raise ValueError(f"dataset {name!r} has no input preprocessing to choose; use an image "
+                         "or signal dataset (mnist-subset, mnist1d, digits, mnist, ...)")
+    return load_dataset(name, root=root or None, standardize=preprocess == "standardize")
