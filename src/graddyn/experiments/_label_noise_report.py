@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from graddyn.experiments._stats import (
 )
 from graddyn.experiments._verdicts import (  # noqa: F401  (re-exported)
     Verdict,
+    departures,
     end_value,
     mean_over_steps,
     not_tested,
@@ -211,6 +213,12 @@ def level_table(hist: Histories) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _default_config() -> Any:
+    from graddyn.experiments.label_noise import LabelNoiseConfig  # the experiment imports us
+
+    return LabelNoiseConfig()
+
+
 def mean_histories(hist: Histories) -> dict[float, dict[str, Curve]]:
     """Curves averaged over seeds (where the seeds share their steps; else the first seed's)
     for the figures: ``{noise fraction: {metric: curve}}``."""
@@ -236,7 +244,9 @@ def draw_report(runs: list[Run], out_dir: Path) -> list[Path]:
     cfg = runs[0].config
     params = {"seeds": ",".join(map(str, hist)), "n": len(hist),
               "dataset": cfg.get("dataset"), "preprocess": cfg.get("preprocess"),
-              "steps per level": runs[0].get_meta("total_steps"), **PARAMS}
+              "steps per level": runs[0].get_meta("total_steps"),
+              "differs from the study's default config": departures(cfg, _default_config()),
+              **PARAMS}
     write_verdicts(out_dir, rows, params)
     (out_dir / "levels.md").write_text(level_table(hist))
     mean = mean_histories(hist)

@@ -86,6 +86,25 @@ def robust_peak(curve: Curve | None, window: int = 3) -> float:
     return float(np.max(np.median(runs, axis=1)))
 
 
+def departures(config: Mapping[str, Any], default: Any) -> str:
+    """The fields of a run's ``config`` (a dict) that differ from the experiment's ``default``
+    config (a dataclass), ``"name = value (default d)"``; ``"none"`` when it is the default.
+    A shortened run (the demo) says so in its verdict file.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class C:
+    ...     steps: int = 100
+    ...     lr: float = 0.1
+    >>> departures({"steps": 10, "lr": 0.1}, C())
+    'steps = 10 (default 100)'
+    """
+    fields = json.loads(json.dumps(asdict(default)))
+    diffs = [f"{k} = {config[k]} (default {v})" for k, v in fields.items()
+             if k in config and config[k] != v]
+    return "; ".join(diffs) or "none"
+
+
 def verdict_markdown(rows: Sequence[Verdict], params: Mapping[str, Any] | None = None) -> str:
     """The verdict file: the rule and its parameters, then one row per prediction."""
     lines = ["**Rule.** " + RULE, ""]
