@@ -10,6 +10,8 @@ deviation per channel.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any
 
 PREPROCESS = ("scale", "standardize")
 
@@ -35,3 +37,27 @@ def load_study_data(name: str, root: str, preprocess: str):  # -> DataSplits
         raise ValueError(f"dataset {name!r} has no input preprocessing to choose; use an image "
                          "or signal dataset (mnist-subset, mnist1d, digits, mnist, ...)")
     return load_dataset(name, root=root or None, standardize=preprocess == "standardize")
+
+
+def noisy_subset(splits: Any, n_train: int, noise: float, seed: int
+                 ) -> tuple[SimpleNamespace, Any]:
+    """The label-noise studies' training set: a random subset of ``n_train`` examples (all if
+    0; drawn with ``seed``) with a ``noise`` fraction of its labels shuffled among themselves
+    (``graddyn.data.corrupt_labels``, drawn with ``seed + 1``), and the clean test set.
+    Returns (data with ``train_x, train_y, clean_y, test_x, test_y``, corrupt mask (N,))."""
+    import torch
+
+    from graddyn.data import corrupt_labels
+
+    x, y = splits.train_x, splits.train_y
+    if n_train:
+        if n_train > len(y):
+            raise ValueError(f"n_train={n_train} exceeds the {len(y)} training examples of "
+                             f"{splits.name!r}; set n_train={len(y)} or lower (0: all)")
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        keep = keep[:n_train].sort().values
+        x, y = x[keep], y[keep]
+    labels, mask = corrupt_labels(y, noise, torch.Generator().manual_seed(seed + 1))
+    data = SimpleNamespace(train_x=x, train_y=labels, clean_y=y, test_x=splits.test_x,
+                           test_y=splits.test_y)
+    return data, mask

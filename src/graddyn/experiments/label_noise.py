@@ -46,7 +46,7 @@ from torch import Tensor
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._label_noise_report import draw_report
-from graddyn.experiments._seeds import check_seeds, load_study_data
+from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.instruments import BatchCoherence, GroupSplit, Instrument, LearnedAt, Probe
 from graddyn.models._init import check_scheme
 from graddyn.train import Run, Trainer, at, at_end, every, logspaced
@@ -119,20 +119,7 @@ def noisy_data(cfg: LabelNoiseConfig, splits: Any, fraction: float, seed: int
     """Training set (``n_train`` subset if set) with ``fraction`` of labels shuffled among
     themselves (seeded by ``seed``: the corrupt sets of the levels are nested), clean
     test set. Returns (data with ``clean_y`` kept, corrupt mask (N,) bool)."""
-    from graddyn.data import corrupt_labels
-
-    x, y = splits.train_x, splits.train_y
-    if cfg.n_train:
-        if cfg.n_train > len(y):
-            raise ValueError(f"n_train={cfg.n_train} exceeds the {len(y)} training examples of "
-                             f"{cfg.dataset!r}; use 0 for all of them")
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        keep = keep[: cfg.n_train].sort().values
-        x, y = x[keep], y[keep]
-    labels, mask = corrupt_labels(y, fraction, torch.Generator().manual_seed(seed + 1))
-    data = SimpleNamespace(train_x=x, train_y=labels, clean_y=y,
-                           test_x=splits.test_x, test_y=splits.test_y)
-    return data, mask
+    return noisy_subset(splits, cfg.n_train, fraction, seed)
 
 
 class Fit(Instrument):

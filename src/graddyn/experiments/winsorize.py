@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from graddyn._robust import check_c
 from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._seeds import check_seeds, load_study_data
+from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.experiments._winsorize_report import draw_report, overfit_measure
 from graddyn.instruments import LearnedAt
 from graddyn.interventions.winsorize import DEFAULT_BUDGET, WinsorizedGradient
@@ -140,21 +140,7 @@ def noisy_split(cfg: WinsorizeConfig, splits: Any, seed: int
     ``cfg.noise`` of its labels shuffled among themselves, and the clean test set.
     Seeds follow ``coherent-gradients.label-noise`` (subset: seed; corruption: seed + 1).
     Returns (data with ``train_x, train_y, clean_y, test_x, test_y``, corrupt mask (N,))."""
-    from graddyn.data import corrupt_labels
-
-    x, y = splits.train_x, splits.train_y
-    n = cfg.train_size
-    if n:
-        if n > len(y):
-            raise ValueError(f"n_train={n} exceeds the {len(y)} training examples of "
-                             f"{cfg.dataset!r}; set n_train={len(y)} or lower")
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        keep = keep[:n].sort().values
-        x, y = x[keep], y[keep]
-    labels, mask = corrupt_labels(y, cfg.noise, torch.Generator().manual_seed(seed + 1))
-    data = SimpleNamespace(train_x=x, train_y=labels, clean_y=y,
-                           test_x=splits.test_x, test_y=splits.test_y)
-    return data, mask
+    return noisy_subset(splits, cfg.train_size, cfg.noise, seed)
 
 
 def build_network(cfg: WinsorizeConfig, splits: Any, seed: int) -> nn.Module:
