@@ -192,7 +192,7 @@ def test_one_seed_is_inconclusive():
 def test_a_transient_collapse_at_the_end_is_not_a_fall():
     """The old rule compared the peak with the last evaluation only."""
     hist = _synthetic(paper_like=False)
-    for s, h in hist[(0.5, 4)].items():
+    for h in hist[(0.5, 4)].values():
         steps, train = h["train_acc"]
         h["train_acc"] = (steps, np.r_[train[:-1], 0.3])  # one collapsed evaluation
     assert verdicts(hist)[2].verdict == "fails"
