@@ -54,6 +54,7 @@ from graddyn.experiments._verdicts import (
     Verdict,
     departures,
     end_value,
+    mean_over_steps,
     not_tested,
     write_verdicts,
 )
@@ -141,10 +142,18 @@ def _end(hist: Histories, opt: str, name: str) -> np.ndarray:
                      for h in hist.values()], float)
 
 
+def _memorised(hist: Histories, opt: str) -> np.ndarray:
+    """(S,) memorisation of ``opt``: the fraction of corrupt labels fitted, averaged over
+    training (step-weighted), so that a method that memorises later counts as memorising
+    less even when every method has memorised everything by the end."""
+    return np.array([mean_over_steps(h[opt]["corrupt_fit"]) if opt in h
+                     and "corrupt_fit" in h[opt] else np.nan for h in hist.values()], float)
+
+
 def _fewer(hist: Histories, a: str, b: str) -> tuple[str, str]:
-    """``a`` fits fewer corrupt labels than ``b`` (paired by seed)."""
-    est = paired_diff(_end(hist, a, "corrupt_fit"), _end(hist, b, "corrupt_fit"))
-    return effect_verdict(est, -1), f"corrupt fit {a} - {b} {est}"
+    """``a`` memorises less than ``b`` (paired by seed)."""
+    est = paired_diff(_memorised(hist, a), _memorised(hist, b))
+    return effect_verdict(est, -1), f"memorisation {a} - {b} {est}"
 
 
 def _not_worse(hist: Histories, a: str, b: str) -> tuple[str, str]:
@@ -166,16 +175,16 @@ def verdicts(hist: Histories, noise: float) -> list[Verdict]:
             continue
         parts = [_fewer(hist, med, "sgd"), _not_worse(hist, med, "sgd")]
         rows.append(Verdict(name, all_of(w for w, _ in parts), "; ".join(e for _, e in parts),
-                            f"corrupt fit {med} - sgd < 0 and test acc {med} - sgd > "
+                            f"memorisation {med} - sgd < 0 and end test acc {med} - sgd > "
                             f"-{TEST_MARGIN} (paired by seed)"))
     name = "(3) the average of 3 (RA3) memorises as SGD does"
     if noise == 0 or not {"ra3", "sgd"} <= opts:
         rows.append(not_tested(name, "needs noise > 0 and both ra3 and sgd"))
     else:
-        est = paired_diff(_end(hist, "ra3", "corrupt_fit"), _end(hist, "sgd", "corrupt_fit"))
+        est = paired_diff(_memorised(hist, "ra3"), _memorised(hist, "sgd"))
         rows.append(Verdict(name, absence_verdict(est, SAME_MARGIN),
-                            f"corrupt fit ra3 - sgd {est}",
-                            f"|corrupt fit ra3 - sgd| < {SAME_MARGIN} (absence, paired)"))
+                            f"memorisation ra3 - sgd {est}",
+                            f"|memorisation ra3 - sgd| < {SAME_MARGIN} (absence, paired)"))
     name = "(4) the median, not the averaging, suppresses it (median vs its average control)"
     pairs = [(m, a) for m, a in MEDIANS.items() if {m, a} <= opts]
     if noise == 0 or not pairs:
@@ -183,18 +192,20 @@ def verdicts(hist: Histories, noise: float) -> list[Verdict]:
     else:
         parts = [_fewer(hist, m, a) for m, a in pairs]
         rows.append(Verdict(name, all_of(w for w, _ in parts), "; ".join(e for _, e in parts),
-                            "corrupt fit median - its average-of-3 control < 0 (paired)"))
+                            "memorisation median - its average-of-3 control < 0 (paired)"))
     return rows
 
 
 def summary_markdown(hist: Histories, optimizers: tuple[str, ...]) -> str:
-    """Per optimizer: end train / test accuracy, corrupt and pristine fit, mean ± interval."""
+    """Per optimizer: memorisation (corrupt labels fitted, mean over training), then end
+    train / test accuracy and corrupt / pristine fit; mean ± 95 % interval over seeds."""
     cols = (("train acc", "train_acc"), ("test acc", "test_acc"),
             ("corrupt labels fitted", "corrupt_fit"), ("pristine fitted", "pristine_fit"))
-    lines = ["| optimizer | " + " | ".join(c for c, _ in cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
+    lines = ["| optimizer | memorisation (mean over training) | "
+             + " | ".join(f"end {c}" for c, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for opt in optimizers:
-        cells = [str(mean_ci(_end(hist, opt, key))) for _, key in cols]
+        cells = [str(mean_ci(_memorised(hist, opt)))]
+        cells += [str(mean_ci(_end(hist, opt, key))) for _, key in cols]
         lines.append(f"| {opt} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -232,6 +243,8 @@ def draw_report(runs: list[Run], out_dir: Path) -> list[Path]:
                   "dataset": cfg["dataset"], "minibatches": cfg["steps"],
                   "training images": cfg["n_train"],
                   "differs from the study's default config": departures(cfg, MedianOf3Config()),
+                  "memorisation": "fraction of corrupt labels fitted, step-weighted mean over "
+                                  "training",
                   "end of a curve": f"median of the last {WINDOW} evaluations",
                   "test-accuracy margin": TEST_MARGIN, "same-memorisation margin": SAME_MARGIN}
         prefix = "" if len(runs) == 1 else f"{run.name}_"
