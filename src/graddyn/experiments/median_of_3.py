@@ -122,7 +122,8 @@ def make_trainer(cfg: MedianOf3Config, splits: Any, optimizer: str, seed: int,
     data, mask = noisy_subset(splits, cfg.n_train, cfg.noise, seed)
     torch.manual_seed(seed)
     model: nn.Module = build_model("mlp", splits.input_shape, splits.num_classes,
-                                   width=cfg.width, depth=cfg.depth, init=cfg.init)
+                                   width=cfg.width, depth=cfg.depth, init=cfg.init
+                                   ).to(data.train_x.dtype)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=cfg.lr)
     evals = every(max(1, math.ceil(cfg.steps / cfg.eval_points))) | at_end
     return Trainer(model, opt, data, batch_size=cfg.batch_size, seed=seed, groups=mask,
