@@ -48,3 +48,17 @@ def test_verdict_file_states_the_rule_and_parameters(tmp_path):
 def test_verdict_word_is_checked():
     with pytest.raises(ValueError, match="verdict must be one of"):
         Verdict("p", "supported", "e", "t")
+
+
+def test_departures_compare_tuples_and_lists_alike():
+    from dataclasses import dataclass
+
+    from graddyn.experiments._verdicts import departures
+
+    @dataclass(frozen=True)
+    class C:
+        seeds: tuple = (0, 1, 2)
+        steps: int = 10
+
+    assert departures({"seeds": (0, 1, 2), "steps": 10}, C()) == "none"
+    assert departures({"seeds": [0], "steps": 10}, C()) == "seeds = [0] (default [0, 1, 2])"

@@ -100,8 +100,9 @@ def departures(config: Mapping[str, Any], default: Any) -> str:
     'steps = 10 (default 100)'
     """
     fields = json.loads(json.dumps(asdict(default)))
-    diffs = [f"{k} = {config[k]} (default {v})" for k, v in fields.items()
-             if k in config and config[k] != v]
+    given = json.loads(json.dumps(dict(config)))  # tuples and lists compare alike
+    diffs = [f"{k} = {given[k]} (default {v})" for k, v in fields.items()
+             if k in given and given[k] != v]
     return "; ".join(diffs) or "none"
 
 
