@@ -61,3 +61,30 @@ def noisy_subset(splits: Any, n_train: int, noise: float, seed: int
     data = SimpleNamespace(train_x=x, train_y=labels, clean_y=y, test_x=splits.test_x,
                            test_y=splits.test_y)
     return data, mask
+
+
+class SeedRun:
+    """One seed's view of a ``Run``: metric and array names get the prefix ``seed<s>/``, so
+    a study written for one seed logs and reads every seed of a multi-seed run unchanged.
+    ``metric_names()`` lists this seed's names without the prefix; ``name`` and ``dir`` are
+    the run's."""
+
+    def __init__(self, run: Any, seed: int) -> None:
+        self.run, self.seed, self.prefix = run, seed, f"seed{seed}/"
+        self.name, self.dir, self.config = run.name, run.dir, run.config
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(step, {self.prefix + k: v for k, v in metrics.items()})
+
+    def history(self, name: str) -> Any:
+        return self.run.history(self.prefix + name)
+
+    def metric_names(self) -> list[str]:
+        n = len(self.prefix)
+        return [m[n:] for m in self.run.metric_names() if m.startswith(self.prefix)]
+
+    def log_array(self, name: str, array: Any) -> Any:
+        return self.run.log_array(self.prefix + name, array)
+
+    def load_array(self, name: str) -> Any:
+        return self.run.load_array(self.prefix + name)

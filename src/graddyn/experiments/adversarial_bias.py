@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from graddyn.data import load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._seeds import check_seeds
+from graddyn.experiments._seeds import SeedRun, check_seeds
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.instruments.margin import (
@@ -110,26 +110,10 @@ def run_adversarial_bias(cfg: AdversarialBiasConfig, run: Run) -> None:
     direction), ``linf/angle_l2``, ``*/margin`` and ``*/robust_margin`` at log-spaced steps;
     then the network part."""
     for seed in cfg.seeds:
-        _run_seed(cfg, _Prefixed(run, f"seed{seed}/"), seed)
+        _run_seed(cfg, SeedRun(run, seed), seed)
 
 
-class _Prefixed:
-    """A ``Run`` whose metric and array names get ``prefix`` (one seed's namespace)."""
-
-    def __init__(self, run: Run, prefix: str) -> None:
-        self.run, self.prefix = run, prefix
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(step, {self.prefix + k: v for k, v in metrics.items()})
-
-    def history(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.run.history(self.prefix + name)
-
-    def log_array(self, name: str, array: object) -> None:
-        self.run.log_array(self.prefix + name, array)
-
-
-def _run_seed(cfg: AdversarialBiasConfig, run: _Prefixed, seed: int) -> None:
+def _run_seed(cfg: AdversarialBiasConfig, run: SeedRun, seed: int) -> None:
     x, y = _data(cfg, seed)
     u_l2 = max_margin_direction(x, y)
     gamma, gamma_inf = float(normalized_margin(u_l2, x, y)), linf_margin(x, y)
@@ -183,7 +167,7 @@ def two_layer_relu(dim: int, width: int) -> nn.Module:
 
 
 def _run_network(cfg: AdversarialBiasConfig, x: Tensor, y: Tensor, eps: float,
-                 run: _Prefixed, seed: int) -> None:
+                 run: SeedRun, seed: int) -> None:
     """GD on the logistic loss at l2 PGD examples; log the normalised robust and clean margins."""
     torch.manual_seed(seed)
     net = two_layer_relu(cfg.dim, cfg.net_width)
@@ -266,7 +250,7 @@ def report_adversarial_bias(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     paths = []
     for run in runs:
         cfg = _config(run)
-        first = _Prefixed(run, f"seed{cfg.seeds[0]}/")
+        first = SeedRun(run, cfg.seeds[0])
         if f"seed{cfg.seeds[0]}/clean/angle" not in run.metric_names():
             raise ValueError(f"run {run.dir} has no angle records; run it first")
         paths.append(_figure(first, cfg, out_dir / f"{run.dir.name}_adversarial_bias.png"))
@@ -285,7 +269,7 @@ def report_adversarial_bias(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     return paths
 
 
-def _figure(run: _Prefixed, cfg: AdversarialBiasConfig, path: Path) -> Path:
+def _figure(run: SeedRun, cfg: AdversarialBiasConfig, path: Path) -> Path:
     fig, axes = new_figure(1, 2 if cfg.network else 1, size=(4.6, 3.6))
     ax = axes[0, 0]
     for variant, color in zip(VARIANTS, ("C0", "C1", "C2"), strict=True):

@@ -50,6 +50,7 @@ from graddyn.data import (
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._gradient_transfer_report import report_gradient_transfer
 from graddyn.experiments._gradient_transfer_studies import label_permutation_control
+from graddyn.experiments._seeds import SeedRun, check_seeds
 from graddyn.interventions.alignment import (
     apply_permutation,
     permutation_align,
@@ -107,7 +108,7 @@ class GradientTransferConfig:
     label_perm: bool = True  # alpha-sweep: also train A' on permuted labels (label_perm control)
     max_train: int = 0  # 0: all training examples
     max_test: int = 0
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # replicates: data subsample, inits, orders
 
     def __post_init__(self) -> None:
         for name in ("alphas", "ewc_lambdas"):
@@ -120,6 +121,13 @@ class GradientTransferConfig:
                 raise ValueError(f"{name} must be positive (n_points >= 2), got {self!r}")
         if not self.alphas:
             raise ValueError("alphas must be a non-empty list, e.g. (0.5, 1.0, 2.0)")
+        check_seeds(self.seeds)
+
+    @property
+    def seed(self) -> int:
+        """The seed of a one-seed view (``replace(cfg, seeds=(s,))``), which the studies
+        run on; the first seed otherwise."""
+        return self.seeds[0]
 
 
 # ---- data, models, training ---------------------------------------------------------------
@@ -374,10 +382,15 @@ def _forgetting(cfg: GradientTransferConfig, run: Run) -> None:
 
 
 def run_gradient_transfer(config: GradientTransferConfig, run: Run) -> None:
-    """Run the configured study and log its metrics (see the module docstring for names)."""
-    {"alpha-sweep": _alpha_sweep, "fusion": _fusion, "forgetting": _forgetting}[config.study](
-        config, run
-    )
+    """Run the configured study for every seed and log its metrics under ``seed<s>/`` (see
+    the module docstring for names); a seed that finished is skipped on resume."""
+    study = {"alpha-sweep": _alpha_sweep, "fusion": _fusion, "forgetting": _forgetting}
+    for seed in config.seeds:
+        view = SeedRun(run, seed)
+        if "done" in view.metric_names():
+            continue
+        study[config.study](replace(config, seeds=(seed,)), view)
+        view.log(0, {"done": 1.0})
 
 
 @EXPERIMENTS.register("gradient-transfer")
