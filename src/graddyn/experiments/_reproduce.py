@@ -110,6 +110,23 @@ def studies() -> list[Study]:
             "demo": _ln("demo", Job("frequency-principle", ("max_evals=2000", "n_records=20"),
                                     name="frequency-principle"))},
             ("{name}_summary.md",), {"demo": "2,000 loss evaluations instead of 20,000"}),
+        *(Study(f"gradient-transfer-{s}", {
+            "default": _ln("default", Job("gradient-transfer", (f"study={s}",),
+                                          name=f"gradient-transfer-{s}")),
+            "demo": _ln("demo", Job("gradient-transfer", (f"study={s}", "epochs=5"),
+                                    name=f"gradient-transfer-{s}"))},
+            ("{name}_verdict.md",), {"demo": "5 epochs instead of 20"})
+          for s in ("alpha-sweep", "fusion", "forgetting")),
+        Study("optimum-shifting", {
+            "default": _ln("default", Job("optimum-shifting", name="optimum-shifting")),
+            "demo": _ln("demo", Job("optimum-shifting", ("models=cnn", "steps=150"),
+                                    name="optimum-shifting"))},
+            ("{name}-verdict.md",), {"demo": "the CNN only, 150 steps instead of 200"}),
+        Study("lsgd", {
+            "default": _ln("default", Job("lsgd", name="lsgd")),
+            "demo": _ln("demo", Job("lsgd", ("workers=1,2", "steps=60", "eval_every=20"),
+                                    name="lsgd"))},
+            ("lsgd-{name}_verdict.md",), {"demo": "1 and 2 workers, 60 steps instead of 300"}),
         Study("adversarial-bias", {
             "default": _ln("default", Job("adversarial-bias", name="adversarial-bias")),
             "demo": _ln("demo", Job("adversarial-bias", ("steps=2000", "net_steps=100"),
