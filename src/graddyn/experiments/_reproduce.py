@@ -127,6 +127,15 @@ def studies() -> list[Study]:
             "demo": _ln("demo", Job("lsgd", ("workers=1,2", "steps=60", "eval_every=20"),
                                     name="lsgd"))},
             ("lsgd-{name}_verdict.md",), {"demo": "1 and 2 workers, 60 steps instead of 300"}),
+        Study("learned-init", {
+            "default": _ln("default", Job("learned-init", name="learned-init")),
+            "demo": _ln("demo", Job("learned-init", ("n_fit=200", "n_eval=100", "n_tasks_fit=10",
+                                                     "n_tasks_eval=4"), name="learned-init"))},
+            ("{name}_verdict.md",), {"demo": "fewer fitted and held-out instances and tasks"}),
+        Study("adm-vs-gd", {
+            "default": _ln("default", Job("adm-vs-gd", name="adm-vs-gd")),
+            "demo": _ln("demo", Job("adm-vs-gd", ("n_images=6", "outer=8"), name="adm-vs-gd"))},
+            ("{name}_verdict.md",), {"demo": "6 images and 8 ADM iterations instead of 12 and 20"}),
         Study("adversarial-bias", {
             "default": _ln("default", Job("adversarial-bias", name="adversarial-bias")),
             "demo": _ln("demo", Job("adversarial-bias", ("steps=2000", "net_steps=100"),
