@@ -85,9 +85,10 @@ def load_mnist_subset(root: Path, standardize: bool = True) -> DataSplits:
 
 @DATASETS.register("mnist1d")
 def load_mnist1d(root: Path, standardize: bool = False) -> DataSplits:
-    """MNIST-1D as ``(1, 40)`` signals: 4,000 train / 1,000 test (the package's split). The
-    generator already centres the signals and scales them to unit variance over the whole
-    set (its definition, kept by ``standardize=False``); ``standardize=True`` uses the
+    """MNIST-1D as ``(1, 40)`` signals: 4,000 train / 1,000 test, the package's split.
+
+    The generator already centres the signals and scales them to unit variance over the
+    whole set (its definition, kept by ``standardize=False``); ``standardize=True`` uses the
     training statistics instead."""
     tr_x, tr_y, te_x, te_y = _mnist1d_arrays()
     return to_splits(tr_x, tr_y, te_x, te_y, num_classes=10, name="mnist1d", scale=1.0,
