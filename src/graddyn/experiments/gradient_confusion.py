@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn.data import DataSplits, load_dataset
+from graddyn.data import DataSplits
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._config import config_from_dict
 from graddyn.experiments._confusion_study import (
@@ -52,6 +52,7 @@ from graddyn.experiments._confusion_study import (
     eval_mode_engine,
     paper_claims,
 )
+from graddyn.experiments._seeds import load_study_data
 from graddyn.experiments._stats import RULE, mean_ci
 from graddyn.instruments.confusion import Confusion
 from graddyn.models import build_model, init_weights
@@ -75,6 +76,7 @@ class GradientConfusionConfig:
 
     study: Literal["width", "depth", "bn-skip", "init"] = "width"
     dataset: str = "digits"
+    preprocess: Literal["scale", "standardize"] = "standardize"  # as before this option
     arch: Literal["mlp", "wide-resnet"] = "mlp"  # width / depth studies
     widths: tuple[int, ...] = (8, 32, 128, 512)  # width study (WRN: width factors)
     depth: int = 4  # width study (MLP hidden layers; WRN: 6n+4)
@@ -197,7 +199,7 @@ def make_model(cell: Cell, data: DataSplits) -> nn.Module:
 
 def load_data(cfg: GradientConfusionConfig) -> DataSplits:
     """The dataset in the default dtype; ``max_train`` examples (seeded subsample) if set."""
-    d = load_dataset(cfg.dataset)
+    d = load_study_data(cfg.dataset, "", cfg.preprocess)
     dtype = torch.get_default_dtype()
     keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(cfg.seed))
     keep = keep[: cfg.max_train] if cfg.max_train else torch.arange(len(d.train_y))

@@ -43,14 +43,13 @@ from torch import Tensor, nn
 from graddyn.data import (
     DataSplits,
     iterate_minibatches,
-    load_dataset,
     permute_pixels,
     split_by_classes,
 )
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._gradient_transfer_report import report_gradient_transfer
 from graddyn.experiments._gradient_transfer_studies import label_permutation_control
-from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
 from graddyn.interventions.alignment import (
     apply_permutation,
     permutation_align,
@@ -93,6 +92,7 @@ class GradientTransferConfig:
 
     study: Literal["alpha-sweep", "fusion", "forgetting"] = "alpha-sweep"
     dataset: str = "digits"
+    preprocess: Literal["scale", "standardize"] = "standardize"
     model: Literal["mlp", "cnn"] = "mlp"  # mlp: width x depth; cnn: hidden = width
     width: int = 128
     depth: int = 2
@@ -144,7 +144,7 @@ def _subsample(d: DataSplits, cfg: GradientTransferConfig) -> DataSplits:
 
 def make_tasks(cfg: GradientTransferConfig) -> tuple[DataSplits, DataSplits, DataSplits]:
     """``(full, task_A, task_B)`` as described in the module docstring."""
-    full = _subsample(load_dataset(cfg.dataset), cfg)
+    full = _subsample(load_study_data(cfg.dataset, "", cfg.preprocess), cfg)
     if cfg.tasks == "split":
         return full, split_by_classes(full, range(5)), split_by_classes(full, range(5, 10))
     return full, full, permute_pixels(full, torch.Generator().manual_seed(cfg.seed + 777))

@@ -25,15 +25,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graddyn.data import load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, write_verdicts
 from graddyn.interventions.adversarial import pgd, random_start
@@ -53,6 +53,7 @@ SINE_STARTS = ("random", "mean", "learned")
 @dataclass(frozen=True)
 class LearnedInitConfig:
     regressor: str = "ridge"  # "ridge" or "mlp"
+    preprocess: Literal["scale", "standardize"] = "standardize"  # the digits classifier's
     alpha: float = 1.0  # regressor L2 penalty
     # adversarial examples on digits
     clf_width: int = 64
@@ -102,7 +103,7 @@ def run_learned_init(cfg: LearnedInitConfig, run: Run) -> None:
 # ----- family (a): PGD adversarial examples -------------------------------------------------
 
 def _train_classifier(cfg: LearnedInitConfig) -> tuple[nn.Module, object]:
-    data = load_dataset("digits")
+    data = load_study_data("digits", "", cfg.preprocess)
     torch.manual_seed(cfg.seed)
     dtype = torch.get_default_dtype()
     model = build_model("mlp", data.input_shape, data.num_classes, width=cfg.clf_width).to(dtype)

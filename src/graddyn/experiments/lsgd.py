@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from graddyn.distributed import (
 )
 from graddyn.distributed._algorithms import check_fraction, check_period
 from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, end_value, write_verdicts
 from graddyn.train import Run, new_figure, save_figure
@@ -67,6 +67,7 @@ class LSGDConfig:
     workers: tuple[int, ...] = (1, 2, 4)  # comparison mode: worker counts
     dataset: str = "digits"
     data_root: str = ""  # "" -> graddyn.data's default folder
+    preprocess: Literal["scale", "standardize"] = "standardize"
     model: str = "mlp"  # any graddyn.models name, or "cnn7"
     width: int = 64  # hidden width of mlp / linear-mlp
     steps: int = 300  # per worker
@@ -129,10 +130,9 @@ def cnn7(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def _setup(cfg: LSGDConfig, ctx: DistContext) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    from graddyn.data import load_dataset
     from graddyn.models import build_model
 
-    splits = load_dataset(cfg.dataset, root=cfg.data_root or None)
+    splits = load_study_data(cfg.dataset, cfg.data_root, cfg.preprocess)
     torch.manual_seed(cfg.seed)  # same init everywhere (rank 0's is broadcast anyway)
     if cfg.model == "cnn7":
         model = cnn7(tuple(splits.input_shape), splits.num_classes)

@@ -35,10 +35,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from graddyn.data import flip_labels, load_dataset
+from graddyn.data import flip_labels
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._config import config_from_dict
-from graddyn.experiments._seeds import check_seeds
+from graddyn.experiments._seeds import check_seeds, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.influence import TracIn, checkpoints_from_run
@@ -57,6 +57,7 @@ class TracInMislabelConfig:
     """All knobs; the defaults take about a minute per seed on 2 cores (4,400 SGD steps)."""
 
     dataset: str = "digits"  # or "mnist-subset", ...
+    preprocess: Literal["scale", "standardize"] = "standardize"
     model: Literal["mlp", "cnn"] = "mlp"
     width: int = 128  # mlp: hidden width; cnn: hidden units of the dense layer
     depth: int = 1
@@ -115,7 +116,7 @@ def _found_at(curve: np.ndarray, frac: float) -> float:
 # ---- run --------------------------------------------------------------------------------------
 def _setup(cfg: TracInMislabelConfig, seed: int) -> tuple:
     """-> (data with flipped training labels, corrupt mask (N,), model) of one seed."""
-    d = load_dataset(cfg.dataset)
+    d = load_study_data(cfg.dataset, "", cfg.preprocess)
     if cfg.max_train:
         keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(
             seed + 1))[:cfg.max_train]
