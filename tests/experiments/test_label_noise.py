@@ -40,6 +40,11 @@ def test_registered_as_demo():
     from graddyn.cli import DEMO_EXPERIMENT
 
     assert DEMO_EXPERIMENT == NAME and NAME in EXPERIMENTS
+    demo, default = EXPERIMENTS.get(NAME)().demo_config(), LabelNoiseConfig()
+    assert len(demo.seeds) >= 3  # the demo's verdicts come from at least 3 seeds
+    assert (default.preprocess, default.init, default.lr, default.batch_size, default.width) == \
+        ("scale", "xavier-sqrt2", 0.1, 100, 2048)
+    assert default.total_steps == 4000  # 100 epochs of the 4,000-image subset
 
 
 def test_tiny_run_reports_figures_and_verdict(tiny):
