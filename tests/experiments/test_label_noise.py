@@ -190,7 +190,7 @@ def test_demo_runs_label_noise_and_reports(tmp_path, monkeypatch, capsys):
     out = tmp_path / f"demo-{NAME}" / "report"
     printed = capsys.readouterr().out
     assert "demo report:" in printed and "demo-sized run, differs from the study's default" \
-        in printed and "steps = 12 (default 0)" in printed and "seeds" in printed
+        in printed and "steps 12 (default 0)" in printed and "seeds" in printed
     assert "label-noise-verdict" in (out / "report.html").read_text()
 
 

@@ -61,4 +61,4 @@ def test_departures_compare_tuples_and_lists_alike():
         steps: int = 10
 
     assert departures({"seeds": (0, 1, 2), "steps": 10}, C()) == "none"
-    assert departures({"seeds": [0], "steps": 10}, C()) == "seeds = [0] (default [0, 1, 2])"
+    assert departures({"seeds": [0], "steps": 10}, C()) == "seeds [0] (default [0, 1, 2])"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from graddyn.experiments._runner import report, run_experiment
 from graddyn.experiments._sweep import run_sweep
+from graddyn.train import RunStore
 
 SIZES = ("default", "demo")
 
@@ -145,12 +146,15 @@ def studies() -> list[Study]:
 
 
 def run_job(job: Job, root: Path) -> Path:
-    """Run (resuming: finished runs are kept) and report one job; returns the report folder."""
+    """Run (resuming an unfinished run; a finished run or sweep point is kept as it is) and
+    report one job; returns the report folder."""
     if job.grid:
         run_sweep(job.experiment, job.grid, job.overrides, root=root, name=job.name)
     else:
-        run_experiment(job.experiment, job.overrides, root=root, run_name=job.name,
-                       resume=(root / job.name).exists(), progress=False)
+        store = RunStore(root)
+        if not (store.exists(job.name) and store.open(job.name).status == "finished"):
+            run_experiment(job.experiment, job.overrides, root=root, run_name=job.name,
+                           resume=store.exists(job.name), progress=False)
     return report(job.name, root=root).parent
 
 

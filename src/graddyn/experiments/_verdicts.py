@@ -97,13 +97,13 @@ def departures(config: Mapping[str, Any], default: Any) -> str:
     ...     steps: int = 100
     ...     lr: float = 0.1
     >>> departures({"steps": 10, "lr": 0.1}, C())
-    'steps = 10 (default 100)'
+    'steps 10 (default 100)'
     """
     fields = json.loads(json.dumps(asdict(default)))
     given = json.loads(json.dumps(dict(config)))  # tuples and lists compare alike
-    diffs = [f"{k} = {given[k]} (default {v})" for k, v in fields.items()
+    diffs = [f"{k} {given[k]} (default {v})" for k, v in fields.items()
              if k in given and given[k] != v]
-    return "; ".join(diffs) or "none"
+    return ", ".join(diffs) or "none"
 
 
 def verdict_markdown(rows: Sequence[Verdict], params: Mapping[str, Any] | None = None) -> str:
@@ -113,8 +113,18 @@ def verdict_markdown(rows: Sequence[Verdict], params: Mapping[str, Any] | None =
         lines += ["**Parameters.** " + "; ".join(f"{k} = {v}" for k, v in params.items()), ""]
     lines += ["| prediction | verdict | evidence (mean ± 95 % interval over seeds) | rule |",
               "|---|---|---|---|"]
-    lines += [f"| {r.prediction} | {r.verdict} | {r.evidence} | {r.rule} |" for r in rows]
+    lines += ["| " + " | ".join(cell(c) for c in (r.prediction, r.verdict, r.evidence, r.rule))
+              + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (a ``|`` would end the cell).
+
+    >>> cell("|a - b| < 0.1")
+    '\\\\|a - b\\\\| < 0.1'
+    """
+    return str(text).replace("|", "\\|")
 
 
 def write_verdicts(out_dir: Path, rows: Sequence[Verdict],
