@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +157,24 @@ def run_job(job: Job, root: Path) -> Path:
     return report(job.name, root=root).parent
 
 
+def wall_seconds(job: Job, root: Path) -> float:
+    """Wall time of a job's runs from the run store (created -> finished; a sweep adds its
+    runs up), so a block made again from finished runs still gives the training time."""
+    import json
+    from datetime import datetime
+
+    store = RunStore(root)
+    manifest = root / job.name / "sweep.json"
+    names = json.loads(manifest.read_text())["runs"] if manifest.is_file() else [job.name]
+    total = 0.0
+    for name in names:
+        run = store.open(name)
+        start, end = run.get_meta("created"), run.get_meta("finished")
+        if start and end:
+            total += (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    return total
+
+
 def strip_rule(markdown: str) -> str:
     """A generated file without its ``**Rule.**`` paragraph (the README states the rule once)
     and without a leading ``#`` title."""
@@ -170,7 +187,8 @@ def block(study: Study, size: str, folders: Sequence[Path], root: str, seconds: 
     """The README block of ``study``: size, commands, generated tables."""
     jobs = study.jobs[size]
     lines = [f"*{size}-sized run*" + (f" ({study.note[size]})" if size in study.note else "")
-             + f", {seconds:.0f} s on this machine; made by `make reproduce"
+             + f", {seconds:.0f} s of training wall time on this 2-core machine (shared); "
+             "made by `make reproduce"
              + (" SIZE=demo" if size == "demo" else "") + "`:", "", "```bash"]
     lines += [".venv/bin/" + j.command(root) for j in jobs]
     lines += ["```", ""]
@@ -207,10 +225,10 @@ def reproduce(size: str, root: Path, readme: Path | None, only: Sequence[str] = 
     for key, study in known.items():
         if only and key not in only:
             continue
-        start = time.perf_counter()
         log(f"[reproduce] {key} ({size})")
         folders = [run_job(job, root) for job in study.jobs[size]]
-        blocks[key] = block(study, size, folders, str(root), time.perf_counter() - start)
+        seconds = sum(wall_seconds(job, root) for job in study.jobs[size])
+        blocks[key] = block(study, size, folders, str(root), seconds)
         if readme is not None:  # after each study, so an interrupted run keeps what it made
             readme.write_text(replace_block(readme.read_text(), key, blocks[key]))
     return blocks
