@@ -187,7 +187,7 @@ def block(study: Study, size: str, folders: Sequence[Path], root: str, seconds: 
     """The README block of ``study``: size, commands, generated tables."""
     jobs = study.jobs[size]
     lines = [f"*{size}-sized run*" + (f" ({study.note[size]})" if size in study.note else "")
-             + f", {seconds:.0f} s of training wall time on this 2-core machine (shared); "
+             + f", {seconds:.0f} s of run wall time (run store); "
              "made by `make reproduce"
              + (" SIZE=demo" if size == "demo" else "") + "`:", "", "```bash"]
     lines += [".venv/bin/" + j.command(root) for j in jobs]
