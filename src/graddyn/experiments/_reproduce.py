@@ -15,10 +15,12 @@ the generated summary table.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from graddyn.experiments._runner import report, run_experiment
@@ -160,9 +162,6 @@ def run_job(job: Job, root: Path) -> Path:
 def wall_seconds(job: Job, root: Path) -> float:
     """Wall time of a job's runs from the run store (created -> finished; a sweep adds its
     runs up), so a block made again from finished runs still gives the training time."""
-    import json
-    from datetime import datetime
-
     store = RunStore(root)
     manifest = root / job.name / "sweep.json"
     names = json.loads(manifest.read_text())["runs"] if manifest.is_file() else [job.name]
