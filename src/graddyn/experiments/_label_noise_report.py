@@ -296,7 +296,7 @@ def _learned(hist: MeanHistories, path: Path) -> Path:
             curve = h.get(f"learned_at/frac_learned_{group}")
             if curve is not None and len(curve[0]) and not np.isnan(curve[1]).all():
                 ax.plot(*curve, style, color=colors[f], label=f"{round(100 * f)} % {group}")
-    ax.set_title("fraction learned (solid pristine, dashed corrupt)", fontsize=9)
+    ax.set_title("fraction learned (solid pristine, dashed corrupt; mean over seeds)", fontsize=9)
     ax.set_xlabel("step")
     ax.legend(fontsize=6, ncol=2)
     return save_figure(fig, path)
