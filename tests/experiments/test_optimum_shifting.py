@@ -45,7 +45,31 @@ def test_tiny_run_resume_and_report(tmp_path):
     assert [p.name for p in paths] == ["tiny-training.png", "tiny-before-after.png",
                                        "tiny-summary.md"]
     text = paths[-1].read_text()
-    assert "## Verdict" in text and "SOS vs SGD + tuned WD" in text and "± " in text
+    assert "## Verdict" in text and "SOS during training gives a lower Hessian trace than SGD "\
+        "+ tuned WD" in text and "± " in text and "Student-t interval" in text
+    assert (tmp_path / "out" / "tiny-verdict.md").read_text().count("| cnn: ") == 9
+
+
+def test_verdicts_on_known_values(monkeypatch):
+    import numpy as np
+
+    from graddyn.experiments import _optimum_shifting_report as rep
+
+    values = {("sgd", "end", "trace"): [2.0, 2.1, 1.9], ("sgd", "os", "trace"): [2.0, 2.1, 1.9],
+              ("sos", "end", "trace"): [40.0, 45.0, 38.0], ("sos", "end", "test/acc"):
+              [0.95, 0.96, np.nan]}
+
+    def fake(run, model, method, stage, metric):
+        if metric == "max_rel_change":
+            return np.array([1e-6, 2e-6, 1e-6])
+        return np.array(values.get((method, stage, metric), [1.0, 1.1, 0.9]))
+
+    monkeypatch.setattr(rep, "final", fake)
+    rows = {r.prediction.split(": ", 1)[1]: r.verdict for r in rep._model_verdicts(None, "m")}
+    assert rows["post hoc OS keeps the outputs on the batch"] == "holds"
+    assert rows["post hoc OS lowers the Hessian trace (SGD model)"] == "fails"  # a tie
+    assert rows["SOS during training gives a lower Hessian trace than SGD"] == "fails"
+    assert rows["SOS during training gives a higher test accuracy than SGD"] == "inconclusive"
 
 
 def test_validation_split_is_held_out_of_training():

@@ -83,7 +83,17 @@ def test_deterministic_under_manual_seed():
 
 
 def test_schemes_listed():
-    assert set(INIT_SCHEMES) == {"xavier", "xavier-sqrt2", "kaiming", "gaussian", "orthogonal"}
+    assert set(INIT_SCHEMES) == {"xavier", "xavier-sqrt2", "kaiming", "gaussian", "orthogonal",
+                                 "pytorch"}
+
+
+def test_pytorch_scheme_keeps_the_default_init():
+    torch.manual_seed(3)
+    plain = nn.Linear(6, 4)
+    torch.manual_seed(3)
+    kept = init_weights(nn.Linear(6, 4), "pytorch")
+    assert torch.equal(plain.weight, kept.weight) and torch.equal(plain.bias, kept.bias)
+    assert kept.bias.abs().sum() > 0  # biases not zeroed: PyTorch's U(-1/sqrt(6), 1/sqrt(6))
 
 
 def test_unknown_scheme():

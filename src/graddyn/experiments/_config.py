@@ -239,7 +239,9 @@ COMMON_HELP = {
     "model": "model family (graddyn list models)",
     "width": "hidden units per layer",
     "depth": "hidden layers",
-    "init": "weight initialisation (xavier, xavier-sqrt2, kaiming, orthogonal, gaussian)",
+    "init": "weight initialisation (xavier, xavier-sqrt2, kaiming, orthogonal, gaussian, "
+            "pytorch)",
+    "preprocess": "input preprocessing: 'scale' (pixels / 255) or 'standardize' (per dataset)",
     "n_train": "training examples used",
     "n_test": "test examples used",
     "noise": "fraction of training labels shuffled among themselves",

@@ -19,8 +19,10 @@ Two forms of gradient confusion, both over training:
   are restored afterwards, so measuring never changes training.
 
 Statistics (``graddyn.instruments.confusion``): ``min_cosine``, ``eta = max(0, -min inner)``,
-cosine quantiles and histogram. Verdicts compare a statistic across a factor by Spearman's
-rank correlation over all (factor, seed) cells, or two groups by their seed means and spreads.
+cosine quantiles and histogram. Verdicts (rules of ``_stats``): a trend across a factor is the
+per-seed least-squares slope against log2(factor), with its 95 % t-interval over seeds; two
+groups are compared by Welch's interval of their difference; "does not grow" is an absence
+claim that holds only when the slope's interval lies inside +-``ABSENCE_SLOPE``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from graddyn.experiments._stats import (
+    Estimate,
+    absence_verdict,
+    effect_verdict,
+    mean_ci,
+    slopes,
+    welch_diff,
+)
 from graddyn.instruments._base import Instrument, Probe
 from graddyn.instruments.confusion import (
     Confusion,
@@ -44,14 +54,15 @@ __all__ = [
     "MinibatchConfusion",
     "compare_groups",
     "eval_mode_engine",
+    "mean_ci_text",
     "minibatch_confusion",
     "per_example_confusion",
     "spearman",
     "steps_to_target",
+    "trend",
     "trend_verdict",
 ]
 
-SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 
 
 # ---- measurement ------------------------------------------------------------------------
@@ -200,9 +211,14 @@ def cell_summary(run: Run, tag: str, target_acc: float, target_loss: float) -> d
 
 
 # ---- verdicts ----------------------------------------------------------------------------
+# Parameters of the verdicts (stated in the claims file).
+ABSENCE_SLOPE = 0.02  # "does not grow with depth": |min-cosine change per doubling| below this
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (average ranks for ties; inf ranks last); nan if either
-    side is constant or fewer than 2 pairs are free of nan (nan pairs are dropped).
+    side is constant or fewer than 2 pairs are free of nan (nan pairs are dropped). A
+    description of the pooled cells only: verdicts use per-seed slopes and intervals.
 
     >>> spearman([1, 2, 3], [10, 20, float("inf")])
     1.0
@@ -219,43 +235,45 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def trend_verdict(rho: float, expected_sign: int, threshold: float = 0.5) -> str:
-    """``supported`` if rho has the expected sign with ``|rho| >= threshold``, ``contradicted``
-    if the opposite, else ``inconclusive``."""
+def trend(factors: Sequence[float], per_seed: np.ndarray) -> Estimate:
+    """Mean and 95 % interval over seeds of the per-seed least-squares slope of a statistic
+    against log2(factor): its change per doubling of width or depth (log2(1 + factor) when a
+    factor is 0, e.g. depth 0). ``per_seed`` is (S, F), one row per seed in factor order; a
+    NaN cell makes that seed's slope NaN (no interval: inconclusive), so a missing value is
+    never support."""
+    f = np.asarray(factors, float)
+    return mean_ci(slopes(np.log2(f if f.min() > 0 else f + 1), per_seed))
+
+
+def trend_verdict(est: Estimate, expected_sign: int) -> str:
+    """The effect rule of ``_stats`` on a per-doubling slope: ``holds`` when its interval
+    excludes 0 with the expected sign, ``fails`` when it lies wholly on the other side."""
     if expected_sign not in (-1, 1):
         raise ValueError(f"expected_sign must be +1 or -1, got {expected_sign}")
-    if np.isnan(rho) or abs(rho) < threshold:
-        return INCONCLUSIVE
-    return SUPPORTED if np.sign(rho) == expected_sign else CONTRADICTED
+    return effect_verdict(est, expected_sign)
 
 
-def compare_groups(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
-    """Is mean(a) > mean(b) beyond the seeds' spread? ``(mean(a) - mean(b), verdict)``:
-    ``supported`` if the difference exceeds std(a) + std(b), ``contradicted`` if it is below
-    minus that, else ``inconclusive`` (error bars overlap)."""
+def compare_groups(a: Sequence[float], b: Sequence[float]) -> tuple[Estimate, str]:
+    """Is mean(a) > mean(b)? Welch's 95 % interval of the difference over seeds (different
+    architectures: unpaired) and the effect rule: ``holds`` if it excludes 0 above,
+    ``fails`` if below, else ``inconclusive``. A NaN value (no value) gives inconclusive."""
     if len(a) == 0 or len(b) == 0:
         raise ValueError("compare_groups needs at least one value on each side")
-    a_, b_ = np.asarray(a, float), np.asarray(b, float)
-    a_, b_ = a_[~np.isnan(a_)], b_[~np.isnan(b_)]  # nan: no value (e.g. loss never reached)
-    if len(a_) == 0 or len(b_) == 0:
-        return float("nan"), INCONCLUSIVE
-    diff, spread = float(a_.mean() - b_.mean()), float(a_.std() + b_.std())
-    if diff > spread:
-        return diff, SUPPORTED
-    if diff < -spread:
-        return diff, CONTRADICTED
-    return diff, INCONCLUSIVE
+    est = welch_diff(a, b)
+    return est, effect_verdict(est, +1)
 
 
-def mean_std(values: Sequence[float]) -> str:
-    """``"m ± s"`` with 3 significant digits (``inf`` when any value is inf; nan dropped)."""
+def mean_ci_text(values: Sequence[float]) -> str:
+    """``"m ± h"`` (mean, half-width of the 95 % t-interval over seeds; 3 significant digits);
+    ``inf`` when a value is inf (never reached); ``n/a`` when a value is missing (NaN)."""
     v = np.asarray(values, float)
-    v = v[~np.isnan(v)]
-    if len(v) == 0:
-        return "n/a"
+    if len(v) == 0 or np.isnan(v).any():
+        return "n/a" if len(v) == 0 or np.isnan(v).all() else \
+            f"n/a ({int(np.isnan(v).sum())}/{len(v)} seeds without a value)"
     if np.isinf(v).any():
         return "inf (not reached)" if np.isinf(v).all() else f"{np.mean(v[np.isfinite(v)]):.3g}+"
-    return f"{v.mean():.3g} ± {v.std():.2g}"
+    est = mean_ci(v)
+    return f"{est.mean:.3g} ± {est.half_width:.2g}" if est.defined else f"{est.mean:.3g} (n=1)"
 
 
 
@@ -278,6 +296,29 @@ def _vals(table: Table, group: str, factor: int, key: str, cap: float) -> list[f
     return [min(s[key], cap) for s in table[group][factor]]
 
 
+def _grid(table: Table, group: str, key: str, cap: float) -> tuple[list[int], np.ndarray]:
+    """(factors (F,), values (S, F)): each seed's value at every factor of ``group``."""
+    factors = sorted(table[group])
+    n = min(len(table[group][f]) for f in factors)
+    return factors, np.array([_vals(table, group, f, key, cap)[:n] for f in factors]).T
+
+
+def _ends(table: Table, group: str, key: str, name: str) -> str:
+    """``"name 8: m ± h -> 512: m ± h"`` at the smallest and largest factor (95 % intervals)."""
+    lo, hi = min(table[group]), max(table[group])
+    raw = {f: [s[key] for s in table[group][f]] for f in (lo, hi)}
+    return f"{name} {lo}: {mean_ci_text(raw[lo])} -> {hi}: {mean_ci_text(raw[hi])}"
+
+
+def _trend_row(table: Table, group: str, key: str, sign: int, claim: str, form: str,
+               name: str, cap: float) -> Claim:
+    est = trend(*_grid(table, group, key, cap))
+    rho = spearman(*_pairs(table, group, key, cap))
+    measured = (f"{_ends(table, group, key, name)}; change per doubling {est} "
+                f"(pooled Spearman rho {rho:.2f}){_diverged(table, group)}")
+    return claim, form, measured, trend_verdict(est, sign)
+
+
 def _pairs(table: Table, group: str, key: str, cap: float) -> tuple[list[float], list[float]]:
     """(factor, value) over every (factor, seed) cell of ``group``."""
     xs, ys = [], []
@@ -288,26 +329,11 @@ def _pairs(table: Table, group: str, key: str, cap: float) -> tuple[list[float],
     return xs, ys
 
 
-def _ends(table: Table, group: str, key: str, name: str) -> str:
-    """``"name 8: m ± s -> 512: m ± s"`` at the smallest and largest factor."""
-    lo, hi = min(table[group]), max(table[group])
-    raw = {f: [s[key] for s in table[group][f]] for f in (lo, hi)}
-    return f"{name} {lo}: {mean_std(raw[lo])} -> {hi}: {mean_std(raw[hi])}"
-
-
-def _trend_row(table: Table, group: str, key: str, sign: int, claim: str, form: str,
-               name: str, cap: float) -> Claim:
-    rho = spearman(*_pairs(table, group, key, cap))
-    measured = f"{_ends(table, group, key, name)}; Spearman rho = {rho:.2f}"
-    measured += _diverged(table, group)
-    return claim, form, measured, trend_verdict(rho, sign)
-
-
 def _diverged(table: Table, group: str) -> str:
-    """``"; k/n cells diverged (dropped)"`` or ``""``."""
+    """``"; k/n cells diverged"`` or ``""``."""
     cells = [s for by_seed in table[group].values() for s in by_seed]
     k = sum(s["diverged"] > 0 for s in cells)
-    return f"; {k}/{len(cells)} cells diverged (dropped after init)" if k else ""
+    return f"; {k}/{len(cells)} cells diverged (no value after init)" if k else ""
 
 
 def _deltas(table: Table, group: str, key: str) -> list[float]:
@@ -319,7 +345,7 @@ def _deltas(table: Table, group: str, key: str) -> list[float]:
 def _scaling_claims(study: str, table: Table, cap: float) -> list[Claim]:
     """width: wider -> less confusion, faster; depth: deeper -> more confusion, slower."""
     group, name = next(iter(table)), study
-    sign = 1 if study == "width" else -1  # sign of rho(factor, min cosine) the paper predicts
+    sign = 1 if study == "width" else -1  # sign of the min-cosine trend the paper predicts
     more, less = ("Wider", "lower") if study == "width" else ("Deeper", "higher")
     rows = [_trend_row(table, group, f.format("min_cosine"), sign,
                        f"{more} networks have {less} gradient confusion (min cosine)", label,
@@ -343,24 +369,26 @@ def _bn_skip_claims(table: Table, cap: float) -> list[Claim]:
     for f, label in FORMS:
         key = f.format("min_cosine")
         a, b = _vals(table, "bn+skip", deep, key, cap), _vals(table, "plain", deep, key, cap)
-        diff, verdict = compare_groups(a, b)
+        est, verdict = compare_groups(a, b)
         rows.append((f"BN + skip reduce gradient confusion at depth {deep}", label,
-                     f"min cosine bn+skip {mean_std(a)} vs plain {mean_std(b)} (diff "
-                     f"{diff:+.3g})", verdict))
+                     f"min cosine bn+skip {mean_ci_text(a)} vs plain {mean_ci_text(b)} "
+                     f"(difference {est})", verdict))
         da, db = _deltas(table, "bn+skip", key), _deltas(table, "plain", key)
-        diff, verdict = compare_groups(da, db)
+        est, verdict = compare_groups(da, db)
         rows.append(("With BN + skip confusion grows less with depth than without", label,
                      f"change of min cosine from shallowest to deepest: bn+skip "
-                     f"{mean_std(da)}, plain {mean_std(db)}", verdict))
+                     f"{mean_ci_text(da)}, plain {mean_ci_text(db)} (difference {est})",
+                     verdict))
     a, b = _vals(table, "plain", deep, "steps_to_acc", cap), \
         _vals(table, "bn+skip", deep, "steps_to_acc", cap)
-    diff, verdict = compare_groups(a, b)
+    est, verdict = compare_groups(a, b)
     rows.append((f"BN + skip train faster at depth {deep}", "-",
-                 f"steps to target: plain {mean_std(a)} vs bn+skip {mean_std(b)} "
+                 f"steps to target: plain {mean_ci_text(a)} vs bn+skip {mean_ci_text(b)} "
                  f"(capped at {cap:g})", verdict))
     a, b = (_vals(table, g, deep, "final_train_loss", LOSS_CAP) for g in ("plain", "bn+skip"))
     rows.append((f"BN + skip train faster at depth {deep}", "-", f"train loss after the "
-                 f"budget: plain {mean_std(a)} vs bn+skip {mean_std(b)}", compare_groups(a, b)[1]))
+                 f"budget: plain {mean_ci_text(a)} vs bn+skip {mean_ci_text(b)}",
+                 compare_groups(a, b)[1]))
     return rows
 
 
@@ -372,19 +400,20 @@ def _init_claims(table: Table, cap: float) -> list[Claim]:
             rows.append(_trend_row(table, "gaussian", key, -1, "Gaussian init: confusion of "
                                    "deep linear nets grows with depth", label, "depth", cap))
         if "orthogonal" in table:
-            rho = spearman(*_pairs(table, "orthogonal", key, cap))
-            verdict = CONTRADICTED if rho <= -0.5 else SUPPORTED
+            est = trend(*_grid(table, "orthogonal", key, cap))
             rows.append(("Orthogonal init: confusion of deep linear nets does not grow with "
-                         "depth", label, f"{_ends(table, 'orthogonal', key, 'depth')}; "
-                         f"Spearman rho = {rho:.2f}{_diverged(table, 'orthogonal')}", verdict))
+                         "depth", label, f"{_ends(table, 'orthogonal', key, 'depth')}; change "
+                         f"per doubling {est} (absence: within ±{ABSENCE_SLOPE})"
+                         f"{_diverged(table, 'orthogonal')}",
+                         absence_verdict(est, ABSENCE_SLOPE)))
         if {"gaussian", "orthogonal"} <= set(table):
             deep = max(table["orthogonal"])
             a, b = _vals(table, "orthogonal", deep, key, cap), \
                 _vals(table, "gaussian", deep, key, cap)
-            diff, verdict = compare_groups(a, b)
+            est, verdict = compare_groups(a, b)
             rows.append((f"Orthogonal init has less confusion than Gaussian at depth {deep}",
-                         label, f"min cosine orthogonal {mean_std(a)} vs gaussian "
-                         f"{mean_std(b)}", verdict))
+                         label, f"min cosine orthogonal {mean_ci_text(a)} vs gaussian "
+                         f"{mean_ci_text(b)} (difference {est})", verdict))
     return rows
 
 

@@ -5,13 +5,17 @@ Every figure says whether it shows the training or the test set; tables give acc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from graddyn.experiments._gradient_transfer_studies import LP_INITS
+from graddyn.experiments._seeds import SeedRun
+from graddyn.experiments._stats import absence_verdict, effect_verdict, mean_ci, paired_diff
+from graddyn.experiments._verdicts import Verdict, write_verdicts
 from graddyn.train import Run
 
 # transfer targets of the alpha sweep, in plotting order (the experiment imports this)
@@ -260,16 +264,112 @@ def _report_forgetting(run: Run, out_dir: Path) -> list[Path]:
     return [_save(fig, out_dir, run, "forgetting"), md]
 
 
+# ---- verdicts over seeds ----------------------------------------------------------------
+SAME_MARGIN = 0.02  # "reaches the trained network": within 2 points of test accuracy
+NONINF_MARGIN = 0.01  # "does at least as well": not worse by 1 point or more
+
+
+def _at(h: Callable[[str], np.ndarray], name: str, alphas: np.ndarray, alpha: float) -> float:
+    return float(h(name)[int(np.argmin(np.abs(alphas - alpha)))])
+
+
+def alpha_values(view: Any) -> dict[str, float]:
+    """One seed's numbers behind the alpha-sweep verdicts (test accuracy, fractions)."""
+    alphas = _h(view, "alpha")
+    h = lambda n: _h(view, n)  # noqa: E731
+    big = alphas > 1
+    out = {"trained": _at(h, "own-init/test_acc", alphas, 1.0),
+           "other@1": _at(h, "other-seed/test_acc", alphas, 1.0),
+           "other@best>1": float(h("other-seed/test_acc")[big].max()) if big.any() else np.nan,
+           "transfer@max": float(h("other-seed/test_acc")[-1]),
+           "noise@max": float(h("scaled+noise/test_acc")[-1])}
+    if "perm-labels/other-seed/test_acc_pi" in view.metric_names():
+        out["perm@1 pi"] = _at(h, "perm-labels/other-seed/test_acc_pi", alphas, 1.0)
+        out["perm@1 y"] = _at(h, "perm-labels/other-seed/test_acc", alphas, 1.0)
+    return out
+
+
+def fusion_values(view: Any) -> dict[str, float]:
+    return {f"lmc-{v}": float(_h(view, f"lmc-{v}/train_loss_barrier")[0])
+            for v in ("raw", "aligned")}
+
+
+def forgetting_values(view: Any) -> dict[str, float]:
+    names = view.metric_names()
+    ewc = sorted((float(n.split("/")[0][4:]), n.split("/")[0]) for n in names
+                 if n.startswith("ewc-") and n.endswith("/A/test_acc"))
+    both = lambda m, i=0: (_h(view, f"{m}/A/test_acc")[i] + _h(view, f"{m}/B/test_acc")[i]) / 2  # noqa: E731
+    alphas = _h(view, "alpha")
+    return {"fine-tune A": float(_h(view, "fine-tune/A/test_acc")[0]),
+            "ewc A": float(_h(view, f"{ewc[-1][1]}/A/test_acc")[0]) if ewc else np.nan,
+            "fine-tune both": float(both("fine-tune")),
+            "transfer best both": float(max(both("transfer", i) for i in range(len(alphas))))}
+
+
+def _per_seed(run: Run, fn: Callable[[Any], dict[str, float]]) -> dict[str, np.ndarray]:
+    rows = [fn(SeedRun(run, s)) for s in run.config["seeds"]]
+    return {k: np.array([r.get(k, np.nan) for r in rows], float) for k in rows[0]}
+
+
+def verdicts(study: str, v: dict[str, np.ndarray]) -> list[Verdict]:
+    """The paper's and its reviewers' claims for ``study`` from per-seed values ``v``."""
+    if study == "alpha-sweep":
+        gain = paired_diff(v["other@best>1"], v["other@1"])
+        gap = paired_diff(v["other@best>1"], v["trained"])
+        noise = paired_diff(v["noise@max"], v["transfer@max"])
+        rows = [
+            Verdict("theta0_B + alpha g_A (another seed's init) improves with alpha > 1",
+                    effect_verdict(gain, +1), f"test acc, best alpha > 1 - alpha = 1: {gain}",
+                    "difference > 0 (paired by seed)"),
+            Verdict("transfer onto another seed's init reaches the trained network",
+                    absence_verdict(gap, SAME_MARGIN), f"best alpha > 1 - trained: {gap}",
+                    f"|difference| < {SAME_MARGIN} (absence)"),
+            Verdict("at the largest alpha, a rescaled trained net plus matched noise does at "
+                    "least as well as transfer", effect_verdict(
+                        mean_ci(v["noise@max"] - v["transfer@max"] + NONINF_MARGIN), +1),
+                    f"test acc, noise baseline - transfer: {noise}",
+                    f"difference > -{NONINF_MARGIN}")]
+        if "perm@1 pi" in v:
+            perm = paired_diff(v["perm@1 pi"], v["perm@1 y"])
+            rows.append(Verdict("g_A' of a run on permuted labels pi(y) transfers pi, not y",
+                                effect_verdict(perm, +1), "other-seed init, alpha = 1, test "
+                                f"acc against pi(y) - against y: {perm}", "difference > 0"))
+        return rows
+    if study == "fusion":
+        est = paired_diff(v["lmc-raw"], v["lmc-aligned"])
+        return [Verdict("permutation alignment lowers the loss barrier between two seeds",
+                        effect_verdict(est, +1), f"training-set loss barrier raw "
+                        f"{mean_ci(v['lmc-raw'])}, aligned {mean_ci(v['lmc-aligned'])}; "
+                        f"difference {est}", "raw - aligned > 0 (paired by seed)")]
+    ewc = paired_diff(v["ewc A"], v["fine-tune A"])
+    tr = paired_diff(v["transfer best both"], v["fine-tune both"])
+    return [Verdict("EWC (largest lambda) keeps task A better than fine-tuning",
+                    effect_verdict(ewc, +1), f"task A test acc, EWC - fine-tune: {ewc}",
+                    "difference > 0 (paired by seed)"),
+            Verdict("transfer thetaT_A + alpha g_B (best alpha) forgets less than fine-tuning",
+                    effect_verdict(tr, +1), f"mean of task A and B test acc, transfer - "
+                    f"fine-tune: {tr}", "difference > 0 (paired; alpha picked on test: "
+                    "optimistic)")]
+
+
 def report_gradient_transfer(runs: Sequence[Run], out_dir: Path) -> list[Path]:
-    """For each run: the study's figures (PNG) and a markdown table of accuracies (%)."""
+    """For each run: the study's figures (PNG) and a markdown table of accuracies (%) of its
+    first seed, and ``<run>_verdict.md`` / ``.json`` over all its seeds."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for run in runs:
-        report = {
-            "alpha-sweep": _report_alpha,
-            "fusion": _report_fusion,
-            "forgetting": _report_forgetting,
-        }[run.config["study"]]
-        paths += report(run, out_dir)
+        study = run.config["study"]
+        draw, values = {"alpha-sweep": (_report_alpha, alpha_values),
+                        "fusion": (_report_fusion, fusion_values),
+                        "forgetting": (_report_forgetting, forgetting_values)}[study]
+        seeds = run.config.get("seeds") or []
+        if not seeds or "alpha" not in SeedRun(run, seeds[0]).metric_names():
+            raise ValueError(f"run {run.name!r} has no gradient-transfer results; run it "
+                             "first (graddyn run gradient-transfer)")
+        paths += draw(SeedRun(run, seeds[0]), out_dir)
+        write_verdicts(out_dir, verdicts(study, _per_seed(run, values)), {
+            "seeds": ",".join(map(str, seeds)), "study": study, "tasks": run.config["tasks"],
+            "dataset": run.config["dataset"], "figures and tables": f"seed {seeds[0]}"},
+            f"{run.dir.name}_verdict")
     return paths

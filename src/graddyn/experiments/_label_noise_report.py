@@ -1,37 +1,51 @@
 """Report of ``coherent-gradients.label-noise``: one figure per quantity (one line per noise
-level, as in Chatterjee, ICLR 2020, Figs. 1-3) and a verdict table on the paper's
-qualitative predictions, computed from the recorded histories (never hard-coded).
+level, mean over seeds, as in Chatterjee, ICLR 2020, Figs. 1-3) and a verdict table on the
+paper's qualitative predictions, computed from the recorded histories of every seed with the
+rules of ``_stats`` (never hard-coded).
 
-Histories are ``{noise fraction: {metric name: (steps (T,), values (T,))}}`` with metric
-names without the ``noise<pct>/`` prefix; ``verdicts`` is a pure function of them, so it is
-tested on synthetic histories.
+Histories are ``{seed: {noise fraction: {metric name: (steps (T,), values (T,))}}}`` with
+metric names without the ``seed<s>/noise<pct>/`` prefix; ``verdicts`` is a pure function of
+them, so it is tested on synthetic histories.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from graddyn.experiments._stats import (
+    absence_verdict,
+    all_of,
+    effect_verdict,
+    mean_ci,
+    paired_diff,
+)
 from graddyn.experiments._verdicts import (  # noqa: F401  (re-exported)
     Verdict,
+    departures,
+    end_value,
     mean_over_steps,
+    not_tested,
     verdict_markdown,
+    write_verdicts,
 )
-from graddyn.experiments._verdicts import final_value as _final
 from graddyn.train import Run, new_figure, save_figure
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps (T,), values (T,))
-Histories = Mapping[float, Mapping[str, Curve]]
+Levels = Mapping[float, Mapping[str, Curve]]
+Histories = Mapping[int, Levels]  # seed -> noise fraction -> metric -> curve
+MeanHistories = Mapping[float, Mapping[str, Curve]]  # seed-mean curves, for the figures
 
-# Thresholds of the verdicts (stated in the table).
-FIT_ACC = 0.95  # "~100 % training accuracy": final training accuracy at least this
-LEARN_MARGIN = 0.10  # pristine minus corrupt mean fraction learned, at least this
-NEAR_CLEAN = 0.90  # pristine mean fraction learned >= this x the 0 % run's
-NULL_MARGIN = 0.05  # f_p minus the largest null-world f_p, at least this
+# Parameters of the verdicts (written into the verdict file).
+FIT_ACC = 0.95  # (3) "~100 % training accuracy": end training accuracy above this
+NEAR_CLEAN = 0.05  # (2b) pristine rate within this of the 0 % run's (absence margin)
+END_WINDOW = 3  # "end" of a curve: median of its last evaluations (one collapse ignored)
+PARAMS = {"fit threshold": FIT_ACC, "near-clean margin": NEAR_CLEAN,
+          "end of a curve": f"median of the last {END_WINDOW} evaluations",
+          "learning speed": "step-weighted mean of the accuracy curve over training"}
 
 METRICS = ("fit/train_acc", "fit/test_acc", "fit/train_loss", "learned_at/frac_learned",
            "learned_at/frac_learned_pristine", "learned_at/frac_learned_corrupt",
@@ -39,105 +53,203 @@ METRICS = ("fit/train_acc", "fit/test_acc", "fit/train_loss", "learned_at/frac_l
            "batch_coherence/alpha", "batch_coherence/m_coherence")
 
 
-def collect(runs: list[Run]) -> dict[float, dict[str, Curve]]:
-    """Histories of every noise level of every run (a sweep may split levels over runs)."""
-    out: dict[float, dict[str, Curve]] = {}
+def collect(runs: list[Run]) -> dict[int, dict[float, dict[str, Curve]]]:
+    """Histories of every (seed, noise level) of every run (a sweep may split them)."""
+    out: dict[int, dict[float, dict[str, Curve]]] = {}
     for run in runs:
         names = set(run.metric_names())
-        for frac in run.config.get("noise_levels", ()):
-            tag = f"noise{round(100 * frac)}/"
-            wanted = [n for n in names if n.startswith(tag)]
-            if wanted:
-                out[float(frac)] = {n[len(tag):]: run.history(n) for n in wanted}
-    return dict(sorted(out.items()))
+        for seed in run.config.get("seeds", ()):
+            for frac in run.config.get("noise_levels", ()):
+                tag = f"seed{seed}/noise{round(100 * frac)}/"
+                wanted = [n for n in names if n.startswith(tag)]
+                if wanted:
+                    out.setdefault(int(seed), {})[float(frac)] = {
+                        n[len(tag):]: run.history(n) for n in wanted}
+    return {s: dict(sorted(v.items())) for s, v in sorted(out.items())}
 
 
-def _strictly_decreasing(values: list[float]) -> bool:
-    return all(b < a for a, b in zip(values, values[1:]))
+def _pct(f: float) -> str:
+    return f"{round(100 * f)} %"
 
 
-def _pct(levels: list[float]) -> str:
-    return "/".join(f"{round(100 * f)}" for f in levels) + " %"
+def per_seed(hist: Histories, level: float, fn: Callable[[Mapping[str, Curve]], float]
+             ) -> np.ndarray:
+    """``fn`` of each seed's histories at ``level`` -> (S,) (NaN where a seed lacks it)."""
+    return np.array([fn(h[level]) if level in h else np.nan for h in hist.values()], float)
+
+
+def _levels(hist: Histories) -> list[float]:
+    return sorted({f for h in hist.values() for f in h})
+
+
+def _auc(name: str) -> Callable[[Mapping[str, Curve]], float]:
+    return lambda h: mean_over_steps(h[name]) if name in h else float("nan")
+
+
+def _end(name: str) -> Callable[[Mapping[str, Curve]], float]:
+    return lambda h: end_value(h.get(name), END_WINDOW)
+
+
+def _decreasing(hist: Histories, levels: list[float], fn: Callable) -> tuple[str, str]:
+    """Each adjacent pair of levels: the paired (by seed) drop from the lower noise level to
+    the higher is positive. Returns (verdict, evidence)."""
+    words, parts = [], []
+    for lo, hi in zip(levels, levels[1:]):
+        est = paired_diff(per_seed(hist, lo, fn), per_seed(hist, hi, fn))
+        words.append(effect_verdict(est, +1))
+        parts.append(f"{_pct(lo)} - {_pct(hi)}: {est}")
+    return all_of(words), "; ".join(parts)
+
+
+def _levels_line(hist: Histories, levels: list[float], fn: Callable) -> str:
+    return ", ".join(f"{_pct(f)} {mean_ci(per_seed(hist, f, fn))}" for f in levels)
 
 
 def verdicts(hist: Histories) -> list[Verdict]:
-    """The paper's predictions checked on ``hist`` (see the module thresholds)."""
-    levels = sorted(hist)
-    return [_slower(hist, levels), _pristine_first(hist, levels), _fit_all(hist, levels),
-            _beyond_null(hist, levels)]
+    """The paper's predictions checked on ``hist`` over its seeds (rules: ``_stats``)."""
+    levels = _levels(hist)
+    return [_slower(hist, levels), _pristine_first(hist, levels), _near_clean(hist, levels),
+            _fit_all(hist, levels), _beyond_null(hist, levels)]
 
 
 def _slower(hist: Histories, levels: list[float]) -> Verdict:
-    auc = [mean_over_steps(hist[f].get("fit/train_acc", ([], []))) for f in levels]
+    name = "(1) more noise learns more slowly"
+    if len(levels) < 2:
+        return not_tested(name, "needs two noise levels")
+    fn = _auc("fit/train_acc")
+    word, diffs = _decreasing(hist, levels, fn)
     return Verdict(
-        "(1) more noise learns more slowly", _strictly_decreasing(auc) if len(auc) > 1 else None,
-        f"mean training accuracy over training at {_pct(levels)}: "
-        + ", ".join(f"{a:.3f}" for a in auc),
-        "strictly decreasing with noise")
+        name, word, "mean training accuracy over training: " + _levels_line(hist, levels, fn)
+        + "; drop between adjacent levels: " + diffs,
+        "every adjacent drop > 0 (paired by seed)")
+
+
+def _mixed(hist: Histories, levels: list[float]) -> list[float]:
+    return [f for f in levels if 0.0 < f < 1.0]
 
 
 def _pristine_first(hist: Histories, levels: list[float]) -> Verdict:
-    mixed = [f for f in levels if 0.0 < f < 1.0]
+    name = "(2) pristine examples are learned faster than corrupt ones"
+    mixed = _mixed(hist, levels)
     if not mixed:
-        return Verdict("(2) pristine learned faster than corrupt, near the 0 % rate", None,
-                       "needs a level strictly between 0 and 100 %", "")
-    clean = mean_over_steps(hist[0.0]["learned_at/frac_learned"]) if 0.0 in hist else None
-    ok, parts = True, []
+        return not_tested(name, "needs a level strictly between 0 and 100 %")
+    words, parts = [], []
     for f in mixed:
-        p = mean_over_steps(hist[f]["learned_at/frac_learned_pristine"])
-        c = mean_over_steps(hist[f]["learned_at/frac_learned_corrupt"])
-        ok &= p - c >= LEARN_MARGIN and (clean is None or p >= NEAR_CLEAN * clean)
-        parts.append(f"{round(100 * f)} %: pristine {p:.3f} vs corrupt {c:.3f}")
-    ref = f"; 0 % run {clean:.3f}" if clean is not None else "; no 0 % run to compare"
-    return Verdict(
-        "(2) pristine learned faster than corrupt, near the 0 % rate", ok,
-        "mean fraction learned over training, " + "; ".join(parts) + ref,
-        f"pristine - corrupt >= {LEARN_MARGIN}; pristine >= {NEAR_CLEAN} x 0 % run")
+        est = paired_diff(per_seed(hist, f, _auc("learned_at/frac_learned_pristine")),
+                          per_seed(hist, f, _auc("learned_at/frac_learned_corrupt")))
+        words.append(effect_verdict(est, +1))
+        parts.append(f"{_pct(f)}: pristine - corrupt {est}")
+    return Verdict(name, all_of(words), "mean fraction learned over training, "
+                   + "; ".join(parts), "pristine - corrupt > 0 at every mixed level")
+
+
+def _near_clean(hist: Histories, levels: list[float]) -> Verdict:
+    name = "(2b) pristine examples are learned at about the 0 % run's rate"
+    mixed = _mixed(hist, levels)
+    if not mixed or 0.0 not in levels:
+        return not_tested(name, "needs the 0 % level and a level strictly between 0 and 100 %")
+    clean = per_seed(hist, 0.0, _auc("learned_at/frac_learned"))
+    words, parts = [], []
+    for f in mixed:
+        est = paired_diff(per_seed(hist, f, _auc("learned_at/frac_learned_pristine")), clean)
+        words.append(absence_verdict(est, NEAR_CLEAN))
+        parts.append(f"{_pct(f)}: pristine - 0 % run {est}")
+    return Verdict(name, all_of(words), "mean fraction learned over training, "
+                   + "; ".join(parts), f"|pristine - 0 % run| < {NEAR_CLEAN} at every mixed level")
 
 
 def _fit_all(hist: Histories, levels: list[float]) -> Verdict:
-    train = [_final(hist[f].get("fit/train_acc")) for f in levels]
-    test = [_final(hist[f].get("fit/test_acc")) for f in levels]
-    ok = all(a >= FIT_ACC for a in train) and _strictly_decreasing(test)
+    name = "(3) every level reaches ~100 % training accuracy while test accuracy falls"
+    if len(levels) < 2:
+        return not_tested(name, "needs two noise levels")
+    train = _end("fit/train_acc")
+    fits = [effect_verdict(mean_ci(per_seed(hist, f, train) - FIT_ACC), +1) for f in levels]
+    test = _end("fit/test_acc")
+    falls, diffs = _decreasing(hist, levels, test)
     return Verdict(
-        "(3) every level reaches ~100 % training accuracy while test accuracy falls", ok,
-        f"final train acc at {_pct(levels)}: " + ", ".join(f"{a:.3f}" for a in train)
-        + "; final test acc: " + ", ".join(f"{a:.3f}" for a in test),
-        f"train >= {FIT_ACC} at every level; test strictly decreasing with noise")
+        name, all_of([*fits, falls]),
+        "end training accuracy: " + _levels_line(hist, levels, train)
+        + "; end test accuracy: " + _levels_line(hist, levels, test) + "; test drop between "
+        "adjacent levels: " + diffs,
+        f"end train accuracy > {FIT_ACC} at every level; every adjacent test drop > 0")
+
+
+def _null_gap(h: Mapping[str, Curve]) -> float:
+    """f_p minus the largest null-world f_p at the end of the split window."""
+    nulls = [h[k][1] for k in h if k.startswith("group_split/null") and k.endswith("/f_p")]
+    fp = h.get("group_split/f_p")
+    if fp is None or not nulls or not len(fp[1]):
+        return float("nan")
+    return float(fp[1][-1] - np.max([n[-1] for n in nulls]))
 
 
 def _beyond_null(hist: Histories, levels: list[float]) -> Verdict:
-    mixed = [f for f in levels if 0.0 < f < 1.0 and "group_split/f_p" in hist[f]]
     name = "(4) pristine share of the loss reduction f_p beats the null worlds"
+    mixed = [f for f in _mixed(hist, levels)
+             if any("group_split/f_p" in h.get(f, {}) for h in hist.values())]
     if not mixed:
-        return Verdict(name, None, "needs a level strictly between 0 and 100 % with f_p", "")
-    ok, parts = True, []
+        return not_tested(name, "needs a level strictly between 0 and 100 % with f_p")
+    words, parts = [], []
     for f in mixed:
-        h = hist[f]
-        steps, fp = h["group_split/f_p"]
-        nulls = [h[k][1] for k in h if k.startswith("group_split/null") and k.endswith("/f_p")]
-        if not nulls or not len(fp):
-            ok = False
-            continue
-        gap = np.asarray(fp) - np.max(np.stack(nulls), axis=0)  # (T,) f_p - max null
-        ok &= bool(gap[-1] >= NULL_MARGIN)
-        peak = int(np.nanargmax(gap))
-        parts.append(f"{round(100 * f)} %: f_p {fp[-1]:.3f} vs null max "
-                     f"{fp[-1] - gap[-1]:.3f} at step {int(steps[-1])} (largest lead "
-                     f"{gap[peak]:+.3f} at step {int(steps[peak])})")
-    return Verdict(name, ok, "cumulative f_p, " + "; ".join(parts),
-                   f"f_p - max null f_p >= {NULL_MARGIN} at the end of the split window")
+        est = mean_ci(per_seed(hist, f, _null_gap))
+        words.append(effect_verdict(est, +1))
+        parts.append(f"{_pct(f)}: f_p - max null f_p {est}")
+    return Verdict(name, all_of(words), "cumulative over the split window, "
+                   + "; ".join(parts), "f_p - max null f_p > 0 at the end of the split window, "
+                   "every mixed level")
+
+
+def level_table(hist: Histories) -> str:
+    """Markdown: per noise level, end train / test accuracy and learning speed, mean ± 95 %
+    interval over seeds."""
+    cols = [("end train acc", _end("fit/train_acc")), ("end test acc", _end("fit/test_acc")),
+            ("mean train acc over training", _auc("fit/train_acc")),
+            ("pristine learned (mean)", _auc("learned_at/frac_learned_pristine")),
+            ("corrupt learned (mean)", _auc("learned_at/frac_learned_corrupt"))]
+    lines = ["| noise | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for f in _levels(hist):
+        cells = [str(mean_ci(per_seed(hist, f, fn))) for _, fn in cols]
+        lines.append(f"| {_pct(f)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _default_config() -> Any:
+    from graddyn.experiments.label_noise import LabelNoiseConfig  # the experiment imports us
+
+    return LabelNoiseConfig()
+
+
+def mean_histories(hist: Histories) -> dict[float, dict[str, Curve]]:
+    """Curves averaged over seeds (where the seeds share their steps; else the first seed's)
+    for the figures: ``{noise fraction: {metric: curve}}``."""
+    out: dict[float, dict[str, Curve]] = {}
+    for f in _levels(hist):
+        seeds = [h[f] for h in hist.values() if f in h]
+        for name in seeds[0]:
+            curves = [h[name] for h in seeds if name in h]
+            same = all(np.array_equal(c[0], curves[0][0]) for c in curves)
+            vals = np.mean([c[1] for c in curves], axis=0) if same else curves[0][1]
+            out.setdefault(f, {})[name] = (curves[0][0], vals)
+    return out
 
 
 def draw_report(runs: list[Run], out_dir: Path) -> list[Path]:
-    """Every figure plus the verdict (PNG table, ``verdict.md``, ``verdict.json``)."""
+    """Every figure plus the verdict (PNG table, ``verdict.md`` with the rule, ``verdict.json``)
+    and ``levels.md`` (per-level numbers with intervals)."""
     hist = collect(runs)
     if not hist:
         raise ValueError("no label-noise metrics in these runs; run the experiment first")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = verdicts(hist)
-    (out_dir / "verdict.md").write_text(verdict_markdown(rows))
-    (out_dir / "verdict.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    cfg = runs[0].config
+    params = {"seeds": ",".join(map(str, hist)), "n": len(hist),
+              "dataset": cfg.get("dataset"), "preprocess": cfg.get("preprocess"),
+              "steps per level": runs[0].get_meta("total_steps"),
+              "differs from the study's default config": departures(cfg, _default_config()),
+              **PARAMS}
+    write_verdicts(out_dir, rows, params)
+    (out_dir / "levels.md").write_text(level_table(hist))
+    mean = mean_histories(hist)
     panels = [
         ("train-acc", [("fit/train_acc", "training accuracy (noisy labels)")]),
         ("test-acc", [("fit/test_acc", "test accuracy")]),
@@ -146,10 +258,10 @@ def draw_report(runs: list[Run], out_dir: Path) -> list[Path]:
                        ("batch_coherence/m_coherence", "m-coherence (minibatch)")]),
     ]
     paths = [_verdict_figure(rows, out_dir / "label-noise-verdict.png")]
-    paths += [_lines(hist, spec, out_dir / f"label-noise-{name}.png") for name, spec in panels]
-    paths.append(_learned(hist, out_dir / "label-noise-learned.png"))
-    paths.append(_split(hist, ("f_p", "f_c"), out_dir / "label-noise-split.png"))
-    paths.append(_split(hist, ("mean_p", "mean_c"), out_dir / "label-noise-per-example.png"))
+    paths += [_lines(mean, spec, out_dir / f"label-noise-{name}.png") for name, spec in panels]
+    paths.append(_learned(mean, out_dir / "label-noise-learned.png"))
+    paths.append(_split(mean, ("f_p", "f_c"), out_dir / "label-noise-split.png"))
+    paths.append(_split(mean, ("mean_p", "mean_c"), out_dir / "label-noise-per-example.png"))
     return paths
 
 
@@ -160,7 +272,7 @@ def _colors(levels: list[float]) -> dict[float, tuple]:
     return {f: cmap(0.9 * i / max(1, len(levels) - 1)) for i, f in enumerate(levels)}
 
 
-def _lines(hist: Histories, spec: list[tuple[str, str]], path: Path) -> Path:
+def _lines(hist: MeanHistories, spec: list[tuple[str, str]], path: Path) -> Path:
     fig, axes = new_figure(1, len(spec), size=(4.5, 3.2))
     colors = _colors(list(hist))
     for ax, (name, title) in zip(axes[0], spec):
@@ -176,7 +288,7 @@ def _lines(hist: Histories, spec: list[tuple[str, str]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _learned(hist: Histories, path: Path) -> Path:
+def _learned(hist: MeanHistories, path: Path) -> Path:
     """Fraction of pristine (solid) and corrupt (dashed) training examples learned."""
     fig, axes = new_figure(1, 1, size=(5.0, 3.4))
     ax, colors = axes[0, 0], _colors(list(hist))
@@ -185,14 +297,14 @@ def _learned(hist: Histories, path: Path) -> Path:
             curve = h.get(f"learned_at/frac_learned_{group}")
             if curve is not None and len(curve[0]) and not np.isnan(curve[1]).all():
                 ax.plot(*curve, style, color=colors[f], label=f"{round(100 * f)} % {group}")
-    ax.set_title("fraction learned (solid pristine, dashed corrupt)", fontsize=9)
+    ax.set_title("fraction learned (solid pristine, dashed corrupt; mean over seeds)", fontsize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("fraction of the group learned", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     return save_figure(fig, path)
 
 
-def _split(hist: Histories, keys: tuple[str, str], path: Path) -> Path:
+def _split(hist: MeanHistories, keys: tuple[str, str], path: Path) -> Path:
     """Cumulative ``keys`` (pristine, corrupt) over the first steps; dotted: null worlds."""
     fig, axes = new_figure(1, 2, size=(4.5, 3.2))
     colors = _colors(list(hist))
@@ -219,16 +331,15 @@ def _verdict_figure(rows: list[Verdict], path: Path) -> Path:
     """The verdict table as an image, so the HTML page (images only) carries it too."""
     import textwrap
 
-    fig, axes = new_figure(1, 1, size=(11.0, 0.5 + 1.0 * len(rows)))
+    fig, axes = new_figure(1, 1, size=(11.0, 0.5 + 1.4 * len(rows)))
     ax = axes[0, 0]
     ax.axis("off")
-    mark = {True: "holds", False: "FAILS", None: "n/a"}
-    cells = [[textwrap.fill(r.prediction, 30), mark[r.holds], textwrap.fill(r.evidence, 70),
-              textwrap.fill(r.threshold, 28)] for r in rows]
+    cells = [[textwrap.fill(r.prediction, 30), r.verdict, textwrap.fill(r.evidence, 70),
+              textwrap.fill(r.rule, 28)] for r in rows]
     table = ax.table(cellText=cells, colLabels=["prediction", "verdict", "evidence",
-                                                "threshold"],
+                                                "rule"],
                      colWidths=[0.22, 0.07, 0.5, 0.21], loc="center", cellLoc="left")
     table.auto_set_font_size(False)
     table.set_fontsize(7)
-    table.scale(1, 3.2)
+    table.scale(1, 4.4)
     return save_figure(fig, path)

@@ -1,4 +1,5 @@
-"""Figures, the mean +- std table and the generated verdict of ``optimum-shifting``.
+"""Figures, the mean +- std table and the generated verdicts of ``optimum-shifting`` (over
+seeds, by the rules of ``_stats``).
 
 Reads only the run store: ``<model>/<method>/s<seed>/{end,os}/<metric>`` (before / after post
 hoc OS), ``.../curv/<metric>`` and ``.../{train,test}/<metric>`` over training, and
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
+from graddyn.experiments._verdicts import Verdict, verdict_markdown, write_verdicts
 from graddyn.train import Run, new_figure, save_figure
 
 METHODS = ("sgd", "wd", "sos")
@@ -59,75 +62,41 @@ def table(run: Run) -> str:
     return "\n".join(lines)
 
 
-def _paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Mean and standard error of the paired differences ``a - b`` over seeds."""
-    d = a - b
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
-    return float(d.mean()), float(se)
+OUTPUT_TOL = 1e-4  # "outputs unchanged": largest relative change of the layer outputs
 
 
-def _call(mean: float, se: float, lower_is_better: bool = False) -> str:
-    """Significant at ~2 standard errors of the paired difference, or not."""
-    sign = -1 if lower_is_better else 1
-    if sign * mean - 2 * se > 0:
-        return "better"
-    if sign * mean + 2 * se < 0:
-        return "worse"
-    return "no significant difference"
-
-
-def verdicts(run: Run) -> list[str]:
-    """The OS paper's claims, checked per model with the numbers behind each call."""
+def verdicts(run: Run) -> list[Verdict]:
+    """The OS paper's claims, per model, over seeds (rules of ``_stats``; paired by seed)."""
     out = []
     for model in _models(run):
-        wd = run.history(f"{model}/tune/best_wd")[1]
-        title = f"### {model}" + (f" (tuned weight decay: {wd[-1]:g})" if len(wd) else "")
-        out.extend(["", title])
         out.extend(_model_verdicts(run, model))
     return out
 
 
-def _model_verdicts(run: Run, model: str) -> list[str]:
+def _model_verdicts(run: Run, model: str) -> list[Verdict]:
     def f(method: str, stage: str, m: str) -> np.ndarray:
         return final(run, model, method, stage, m)
 
-    rel = max(f(m, "os", "max_rel_change").max() for m in METHODS)
-    dloss = np.concatenate(
-        [np.abs(f(m, "os", "train/loss") - f(m, "end", "train/loss")) for m in METHODS]
-    )
-    rank = np.concatenate([f(m, "os", "rank") for m in METHODS])
-    rows = f("sgd", "os", "rows")[0]
-    dv = _paired(f("sgd", "os", "v_norm"), f("sgd", "end", "v_norm"))
-    dtr = _paired(f("sgd", "os", "trace"), f("sgd", "end", "trace"))
-    se_tr = f("sgd", "end", "trace_se").mean()
-    lines = [
-        f"- **Outputs unchanged by post hoc OS**: max relative change of the layer outputs on "
-        f"the OS batch {rel:.1e}; |Δ training loss| on the whole training split "
-        f"{dloss.max():.1e} — {'yes' if rel < 1e-4 else 'NO'}. Rank of the {rows:g} feature "
-        f"rows: {rank.min():g}-{rank.max():g}"
-        + (" (full column rank: OS is the identity, nothing to shift)" if dv[0] == 0 else "")
-        + ".",
-        f"- **|V|_F down (post hoc, SGD model)**: Δ = {dv[0]:.3g} ± {dv[1]:.2g} (SE); "
-        f"**Hessian trace** Δ = {dtr[0]:.3g} ± {dtr[1]:.2g} "
-        + ("(exact traces: the spread is over seeds only)." if se_tr == 0 else
-           f"(Hutchinson SE per estimate ~{se_tr:.2g})."),
-    ]
+    rel = np.max([f(m, "os", "max_rel_change") for m in METHODS], axis=0)  # (S,) worst method
+    rows = [Verdict(f"{model}: post hoc OS keeps the outputs on the batch",
+                    effect_verdict(mean_ci(OUTPUT_TOL - rel), +1),
+                    f"largest relative change of the layer outputs {mean_ci(rel).format(7)}",
+                    f"change < {OUTPUT_TOL:g}")]
+    for metric, what in (("v_norm", "|V|_F"), ("trace", "the Hessian trace")):
+        est = paired_diff(f("sgd", "os", metric), f("sgd", "end", metric))
+        rows.append(Verdict(f"{model}: post hoc OS lowers {what} (SGD model)",
+                            effect_verdict(est, -1), f"after - before {est.format(4)}",
+                            "difference < 0 (paired by seed)"))
     for other in ("sgd", "wd"):
-        lines.append(_sos_line(f, other))
-    return lines
-
-
-def _sos_line(f, other: str) -> str:
-    parts = []
-    for metric, lower in (
-        ("test/acc", False),
-        ("v_norm", True),
-        ("trace", True),
-        ("lambda_max", True),
-    ):
-        m, se = _paired(f("sos", "end", metric), f(other, "end", metric))
-        parts.append(f"{metric} Δ = {m:+.3g} ± {se:.2g} ({_call(m, se, lower)})")
-    return f"- **SOS vs {LABELS[other]}** (paired over seeds, ± SE): " + "; ".join(parts) + "."
+        for metric, what, sign in (("trace", "a lower Hessian trace", -1),
+                                   ("lambda_max", "a lower top eigenvalue", -1),
+                                   ("test/acc", "a higher test accuracy", +1)):
+            est = paired_diff(f("sos", "end", metric), f(other, "end", metric))
+            rows.append(Verdict(f"{model}: SOS during training gives {what} than "
+                                f"{LABELS[other]}", effect_verdict(est, sign),
+                                f"SOS - {LABELS[other]} {est.format(4)}",
+                                f"difference {'<' if sign < 0 else '>'} 0 (paired by seed)"))
+    return rows
 
 
 def _band(ax, run: Run, model: str, method: str, name: str) -> None:
@@ -193,6 +162,7 @@ def report_optimum_shifting(runs: list[Run], out_dir: Path) -> list[Path]:
             )
         paths.append(figure_training(run, out_dir / f"{run.name}-training.png"))
         paths.append(figure_before_after(run, out_dir / f"{run.name}-before-after.png"))
+        rows = verdicts(run)
         text = [
             "# optimum-shifting: " + run.name,
             "",
@@ -202,10 +172,13 @@ def report_optimum_shifting(runs: list[Run], out_dir: Path) -> list[Path]:
             "",
             "## Verdict",
             "",
-            *verdicts(run),
-            "",
+            verdict_markdown(rows, {"seeds": ",".join(map(str, run.config["seeds"]))}),
         ]
         md = out_dir / f"{run.name}-summary.md"
         md.write_text("\n".join(text))
+        write_verdicts(out_dir, rows, {"seeds": ",".join(map(str, run.config["seeds"])),
+                                       "models": ",".join(_models(run)),
+                                       "steps": run.config.get("steps")},
+                       f"{run.name}-verdict")
         paths.append(md)
     return paths

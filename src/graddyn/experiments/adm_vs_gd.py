@@ -21,15 +21,19 @@ ground-truth masks, ``{gd,adm}/reg_loss`` (the relaxed regularised loss of the n
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._seeds import SeedRun, check_seeds
 from graddyn.experiments._shapes import ShapesData, make_shapes
+from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
+from graddyn.experiments._verdicts import Verdict, write_verdicts
 from graddyn.interventions.adm import (
     adm_labels,
     contrast_weights,
@@ -56,7 +60,12 @@ class AdmVsGdConfig:
     warmup_steps: int = 30
     outer: int = 20  # ADM iterations (GD logs at the same step counts)
     inner_steps: int = 10  # network steps per ADM iteration
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # each draws its own images, scribbles and network
+
+    @property
+    def seed(self) -> int:
+        """The seed of a one-seed view (``replace(cfg, seeds=(s,))``); the first otherwise."""
+        return self.seeds[0]
 
     def __post_init__(self) -> None:
         for name in ("n_images", "width", "outer", "inner_steps"):
@@ -66,6 +75,7 @@ class AdmVsGdConfig:
             raise ValueError(f"size must be >= 12, got {self.size}")
         if self.warmup_steps < 0 or self.lam < 0 or min(self.sigma, self.lr, self.proximity) <= 0:
             raise ValueError("need warmup_steps >= 0, lam >= 0, sigma, lr, proximity > 0")
+        check_seeds(self.seeds)
 
 
 def fcn(width: int) -> nn.Module:
@@ -105,7 +115,13 @@ def _cut_labels(net: nn.Module, data: ShapesData, edges, weights: Tensor, lam: f
 
 
 def run_adm_vs_gd(cfg: AdmVsGdConfig, run: Run) -> None:
-    """Warm up on partial CE, then GD and ADM from the same network; see module doc."""
+    """For every seed (metrics under ``seed<s>/``): warm up on partial CE, then GD and ADM
+    from the same network; see module doc."""
+    for seed in cfg.seeds:
+        _run_seed(replace(cfg, seeds=(seed,)), SeedRun(run, seed))
+
+
+def _run_seed(cfg: AdmVsGdConfig, run: SeedRun) -> None:
     data = make_shapes(cfg.n_images, cfg.size, noise=cfg.noise, seed=cfg.seed)
     edges = grid_edges(cfg.size, cfg.size)
     weights = torch.stack([contrast_weights(im, edges, cfg.sigma) for im in data.images])
@@ -149,31 +165,58 @@ def _outer_iteration(method: str, net: nn.Module, opt: torch.optim.Optimizer, da
 
 def _config(run: Run) -> AdmVsGdConfig:
     known = set(AdmVsGdConfig.__dataclass_fields__)
-    return AdmVsGdConfig(**{k: v for k, v in run.config.items() if k in known})
+    return AdmVsGdConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in run.config.items() if k in known})
+
+
+def verdicts(miou: dict[str, np.ndarray], reg: dict[str, np.ndarray]) -> list[Verdict]:
+    """Marin et al.'s claim from per-seed end values (``method -> (S,)``): ADM reaches a
+    lower regularised loss and a higher mIoU than GD on the same loss."""
+    loss = paired_diff(reg["adm"], reg["gd"])
+    seg = paired_diff(miou["adm"], miou["gd"])
+    return [Verdict("ADM reaches a lower regularised loss than GD", effect_verdict(loss, -1),
+                    f"end regularised loss ADM {mean_ci(reg['adm'])}, GD {mean_ci(reg['gd'])}; "
+                    f"difference {loss}", "ADM - GD < 0 (paired by seed)"),
+            Verdict("ADM segments better than GD (mIoU against the full masks)",
+                    effect_verdict(seg, +1), f"end mIoU ADM {mean_ci(miou['adm'])}, GD "
+                    f"{mean_ci(miou['gd'])}; difference {seg}", "ADM - GD > 0 (paired by seed)")]
 
 
 def report_adm_vs_gd(runs: Sequence[Run], out_dir: Path) -> list[Path]:
-    """Per run: mIoU and regularised loss against network steps, GD vs ADM."""
+    """Per run: mIoU and regularised loss against network steps, GD vs ADM (first seed), and
+    ``<run>_verdict.md`` / ``.json`` over the seeds."""
     out_dir = Path(out_dir)
     paths = []
     for run in runs:
-        if "gd/miou" not in run.metric_names():
-            raise ValueError(f"run {run.dir} has no mIoU records; run it first")
         cfg = _config(run)
-        fig, axes = new_figure(1, 2, size=(4.2, 3.3))
-        for method, color in (("gd", "C0"), ("adm", "C3")):
-            axes[0, 0].plot(*run.history(f"{method}/miou"), color=color, label=method.upper())
-            axes[0, 1].plot(*run.history(f"{method}/reg_loss"), color=color, label=method.upper())
-        if "adm/labels_miou" in run.metric_names():
-            axes[0, 0].plot(*run.history("adm/labels_miou"), color="C3", ls=":",
-                            label="ADM cut labels")
-        axes[0, 0].set(xlabel="network steps", ylabel="mIoU vs full masks", title="segmentation")
-        axes[0, 1].set(xlabel="network steps", ylabel="pCE + lam relaxed Potts (per pixel)",
-                       title=f"regularised loss (lam={cfg.lam})")
-        for ax in axes[0]:
-            ax.legend(fontsize=8)
-        paths.append(save_figure(fig, out_dir / f"{run.dir.name}_adm_vs_gd.png"))
+        views = [SeedRun(run, s) for s in cfg.seeds]
+        if "gd/miou" not in views[0].metric_names():
+            raise ValueError(f"run {run.dir} has no mIoU records; run it first")
+        paths.append(_figure(views[0], cfg, out_dir / f"{run.dir.name}_adm_vs_gd.png"))
+        end = {k: {m: np.array([v.history(f"{m}/{k}")[1][-1] for v in views])
+                   for m in ("gd", "adm")} for k in ("miou", "reg_loss")}
+        write_verdicts(out_dir, verdicts(end["miou"], end["reg_loss"]),
+                       {"seeds": ",".join(map(str, cfg.seeds)), "images": cfg.n_images,
+                        "lambda": cfg.lam, "ADM iterations": cfg.outer},
+                       f"{run.dir.name}_verdict")
     return paths
+
+
+def _figure(run: SeedRun, cfg: AdmVsGdConfig, path: Path) -> Path:
+    fig, axes = new_figure(1, 2, size=(4.2, 3.3))
+    for method, color in (("gd", "C0"), ("adm", "C3")):
+        axes[0, 0].plot(*run.history(f"{method}/miou"), color=color, label=method.upper())
+        axes[0, 1].plot(*run.history(f"{method}/reg_loss"), color=color, label=method.upper())
+    if "adm/labels_miou" in run.metric_names():
+        axes[0, 0].plot(*run.history("adm/labels_miou"), color="C3", ls=":",
+                        label="ADM cut labels")
+    axes[0, 0].set(xlabel="network steps", ylabel="mIoU vs full masks",
+                   title=f"segmentation (seed {run.seed})")
+    axes[0, 1].set(xlabel="network steps", ylabel="pCE + lam relaxed Potts (per pixel)",
+                   title=f"regularised loss (lam={cfg.lam})")
+    for ax in axes[0]:
+        ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 @EXPERIMENTS.register("adm-vs-gd")

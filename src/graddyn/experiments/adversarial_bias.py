@@ -12,6 +12,9 @@ Second part (Lyu & Zhu, ICLR 2022 set-up): a 2-homogeneous two-layer ReLU networ
 ``f(x) = sum_j a_j relu(<w_j, x>)`` trained by GD on PGD (l2) adversarial examples; we log its
 normalised robust margin ``min_i y_i f(x_i + delta_i) / |theta|_2^2`` over training.
 
+Every seed of ``seeds`` draws its own separable data set and network (metrics prefixed
+``seed<s>/``); the report's verdicts are over seeds with the rules of ``_stats``.
+
     graddyn run adversarial-bias --set steps=20000 --set eps_frac=0.8
 """
 
@@ -28,6 +31,9 @@ from torch import Tensor, nn
 
 from graddyn.data import load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
+from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.instruments.margin import (
     angle,
     linf_margin,
@@ -70,7 +76,7 @@ class AdversarialBiasConfig:
     net_lr: float = 0.2
     net_eps_frac: float = 0.5
     pgd_steps: int = 5
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
         for name in ("n_train", "dim", "steps", "n_records", "net_width", "net_steps"):
@@ -86,11 +92,12 @@ class AdversarialBiasConfig:
                 raise ValueError(f"{name} must be in [0, 1) (attack below the margin), try 0.5")
         if self.lr <= 0 or self.net_lr <= 0:
             raise ValueError("lr and net_lr must be > 0")
+        check_seeds(self.seeds)
 
 
-def _data(cfg: AdversarialBiasConfig) -> tuple[Tensor, Tensor]:
+def _data(cfg: AdversarialBiasConfig, seed: int) -> tuple[Tensor, Tensor]:
     d = load_dataset("separable", n_train=cfg.n_train, n_test=1, dim=cfg.dim,
-                     margin=cfg.data_margin, seed=cfg.seed)
+                     margin=cfg.data_margin, seed=seed)
     return d.train_x.double(), d.train_y
 
 
@@ -99,9 +106,15 @@ def _records(steps: int, n: int) -> list[int]:
 
 
 def run_adversarial_bias(cfg: AdversarialBiasConfig, run: Run) -> None:
-    """Log ``{clean,l2,linf}/angle`` (to each variant's target direction), ``linf/angle_l2``,
-    ``*/margin`` and ``*/robust_margin`` at log-spaced steps; then the network part."""
-    x, y = _data(cfg)
+    """For every seed, log ``seed<s>/{clean,l2,linf}/angle`` (to each variant's target
+    direction), ``linf/angle_l2``, ``*/margin`` and ``*/robust_margin`` at log-spaced steps;
+    then the network part."""
+    for seed in cfg.seeds:
+        _run_seed(cfg, SeedRun(run, seed), seed)
+
+
+def _run_seed(cfg: AdversarialBiasConfig, run: SeedRun, seed: int) -> None:
+    x, y = _data(cfg, seed)
     u_l2 = max_margin_direction(x, y)
     gamma, gamma_inf = float(normalized_margin(u_l2, x, y)), linf_margin(x, y)
     eps = {"clean": 0.0, "l2": cfg.eps_frac * gamma, "linf": cfg.eps_frac * gamma_inf}
@@ -126,7 +139,7 @@ def run_adversarial_bias(cfg: AdversarialBiasConfig, run: Run) -> None:
         steps, angles = run.history(f"{variant}/angle")
         run.log(cfg.steps, {f"{variant}/loglog_slope": loglog_slope(steps, angles)})
     if cfg.network:
-        _run_network(cfg, x, y, cfg.net_eps_frac * gamma, run)
+        _run_network(cfg, x, y, cfg.net_eps_frac * gamma, run, seed)
 
 
 def loglog_slope(steps: np.ndarray, values: np.ndarray, decades: float = 1.0) -> float:
@@ -153,9 +166,10 @@ def two_layer_relu(dim: int, width: int) -> nn.Module:
                          nn.Linear(width, 1, bias=False)).double()
 
 
-def _run_network(cfg: AdversarialBiasConfig, x: Tensor, y: Tensor, eps: float, run: Run) -> None:
+def _run_network(cfg: AdversarialBiasConfig, x: Tensor, y: Tensor, eps: float,
+                 run: SeedRun, seed: int) -> None:
     """GD on the logistic loss at l2 PGD examples; log the normalised robust and clean margins."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     net = two_layer_relu(cfg.dim, cfg.net_width)
     ys = 2.0 * y.double() - 1.0
     opt = torch.optim.SGD(net.parameters(), lr=cfg.net_lr)
@@ -190,36 +204,93 @@ def _config(run: Run) -> AdversarialBiasConfig:
     return AdversarialBiasConfig(**{k: v for k, v in run.config.items() if k in known})
 
 
+RATE_MARGIN = 0.1  # (2) the l2 slope counts as the O(1/sqrt T) rate below -0.5 + this
+
+
+def _last(run: Run, name: str) -> np.ndarray:
+    """(S,) the last value of ``seed<s>/name`` of every seed."""
+    return np.array([run.history(f"seed{s}/{name}")[1][-1] for s in run.config["seeds"]],
+                    float)
+
+
+def verdicts(slope_clean: np.ndarray, slope_l2: np.ndarray, angle_mixed: np.ndarray,
+             angle_l2: np.ndarray, net_gain: np.ndarray | None) -> list[Verdict]:
+    """Li et al.'s and Lyu & Zhu's claims from per-seed values (S,) each: log-log slopes of
+    the angle over the last decade (clean, l2 adversarial), final angles of the l-inf run
+    to the mixed-norm and to the l2 max-margin direction, and the network's gain in
+    normalised robust margin (None: not trained)."""
+    faster = paired_diff(slope_l2, slope_clean)
+    rate = mean_ci(slope_l2 + 0.5 - RATE_MARGIN)
+    mixed = paired_diff(angle_mixed, angle_l2)
+    rows = [
+        Verdict("(1) l2 adversarial GD converges in direction faster than clean GD",
+                effect_verdict(faster, -1), f"log-log slope of the angle, last decade: l2 "
+                f"{mean_ci(slope_l2)}, clean {mean_ci(slope_clean)}; difference {faster}",
+                "slope l2 - slope clean < 0 (paired by seed)"),
+        Verdict("(2) the l2 adversarial angle falls at the O(1/sqrt T) rate",
+                effect_verdict(rate, -1), f"slope {mean_ci(slope_l2)}",
+                f"slope < -0.5 + {RATE_MARGIN}"),
+        Verdict("(3) l-inf adversarial GD converges to the max mixed-norm margin direction, "
+                "not the l2 one", effect_verdict(mixed, -1), f"final angle to the mixed-norm "
+                f"direction {mean_ci(angle_mixed)}, to the l2 one {mean_ci(angle_l2)}; "
+                f"difference {mixed}", "angle to mixed - angle to l2 < 0 (paired by seed)")]
+    if net_gain is not None:
+        rows.append(Verdict("(4) the network's normalised robust margin grows under "
+                            "adversarial training", effect_verdict(mean_ci(net_gain), +1),
+                            f"final - initial normalised robust margin {mean_ci(net_gain)}",
+                            "gain > 0"))
+    return rows
+
+
 def report_adversarial_bias(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     """Per run: angle to the target direction vs step (log-log, with O(1/sqrt T) and
-    O(1/log T) drawn) and, if trained, the network's normalised margins."""
+    O(1/log T) drawn; first seed) and, if trained, the network's normalised margins; and
+    ``<run>_verdict.md`` / ``.json`` over the seeds."""
     out_dir = Path(out_dir)
     paths = []
     for run in runs:
         cfg = _config(run)
-        if "clean/angle" not in run.metric_names():
+        first = SeedRun(run, cfg.seeds[0])
+        if f"seed{cfg.seeds[0]}/clean/angle" not in run.metric_names():
             raise ValueError(f"run {run.dir} has no angle records; run it first")
-        fig, axes = new_figure(1, 2 if cfg.network else 1, size=(4.6, 3.6))
-        ax = axes[0, 0]
-        for variant, color in zip(VARIANTS, ("C0", "C1", "C2"), strict=True):
-            steps, vals = run.history(f"{variant}/angle")
-            label = {"clean": "clean GD -> l2 max margin", "l2": "l2 adv. -> l2 max margin",
-                     "linf": "linf adv. -> mixed-norm margin"}[variant]
-            ax.loglog(steps, vals, color=color, label=label)
-        _theory(ax, *run.history("l2/angle"), "sqrt", color="C1", ls=":", label="O(1/sqrt T)")
-        _theory(ax, *run.history("clean/angle"), "log", color="C0", ls=":", label="O(1/log T)")
-        ax.set(xlabel="GD step T", ylabel="angle (rad)", title="direction convergence")
-        ax.legend(fontsize=7)
+        paths.append(_figure(first, cfg, out_dir / f"{run.dir.name}_adversarial_bias.png"))
+        gain = None
         if cfg.network:
-            ax = axes[0, 1]
-            for name in ("robust_margin", "clean_margin"):
-                steps, vals = run.history(f"net/{name}")
-                ax.semilogx(np.maximum(steps, 1), vals, label=name.replace("_", " "))
-            ax.set(xlabel="GD step", ylabel=r"min margin / $|\theta|^2$",
-                   title="2-layer ReLU, l2 PGD adv. training")
-            ax.legend(fontsize=7)
-        paths.append(save_figure(fig, out_dir / f"{run.dir.name}_adversarial_bias.png"))
+            gain = np.array([np.subtract(*run.history(f"seed{s}/net/robust_margin")[1][[-1, 0]])
+                             for s in cfg.seeds])
+        rows = verdicts(_last(run, "clean/loglog_slope"), _last(run, "l2/loglog_slope"),
+                        _last(run, "linf/angle"), _last(run, "linf/angle_l2"), gain)
+        write_verdicts(out_dir, rows, {
+            "seeds": ",".join(map(str, cfg.seeds)), "steps": cfg.steps,
+            "eps": f"{cfg.eps_frac} x margin", "rate margin": RATE_MARGIN,
+            "differs from the study's default config": departures(run.config,
+                                                                  AdversarialBiasConfig())},
+            f"{run.dir.name}_verdict")
     return paths
+
+
+def _figure(run: SeedRun, cfg: AdversarialBiasConfig, path: Path) -> Path:
+    fig, axes = new_figure(1, 2 if cfg.network else 1, size=(4.6, 3.6))
+    ax = axes[0, 0]
+    for variant, color in zip(VARIANTS, ("C0", "C1", "C2"), strict=True):
+        steps, vals = run.history(f"{variant}/angle")
+        label = {"clean": "clean GD -> l2 max margin", "l2": "l2 adv. -> l2 max margin",
+                 "linf": "linf adv. -> mixed-norm margin"}[variant]
+        ax.loglog(steps, vals, color=color, label=label)
+    _theory(ax, *run.history("l2/angle"), "sqrt", color="C1", ls=":", label="O(1/sqrt T)")
+    _theory(ax, *run.history("clean/angle"), "log", color="C0", ls=":", label="O(1/log T)")
+    ax.set(xlabel="GD step T", ylabel="angle (rad)",
+           title=f"direction convergence (seed {cfg.seeds[0]})")
+    ax.legend(fontsize=7)
+    if cfg.network:
+        ax = axes[0, 1]
+        for name in ("robust_margin", "clean_margin"):
+            steps, vals = run.history(f"net/{name}")
+            ax.semilogx(np.maximum(steps, 1), vals, label=name.replace("_", " "))
+        ax.set(xlabel="GD step", ylabel=r"min margin / $|\theta|^2$",
+               title="2-layer ReLU, l2 PGD adv. training")
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 @EXPERIMENTS.register("adversarial-bias")

@@ -41,16 +41,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn.data import DataSplits, load_dataset
+from graddyn.data import DataSplits
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._config import ConfigError, config_from_dict
 from graddyn.experiments._confusion_study import (
+    ABSENCE_SLOPE,
     MinibatchConfusion,
     Table,
     cell_summary,
     eval_mode_engine,
     paper_claims,
 )
+from graddyn.experiments._seeds import load_study_data
+from graddyn.experiments._stats import RULE, mean_ci
 from graddyn.instruments.confusion import Confusion
 from graddyn.models import build_model, init_weights
 from graddyn.train import NonFiniteLossError, Run, Trainer, at_end, every, new_figure, seed_all
@@ -73,6 +76,7 @@ class GradientConfusionConfig:
 
     study: Literal["width", "depth", "bn-skip", "init"] = "width"
     dataset: str = "digits"
+    preprocess: Literal["scale", "standardize"] = "standardize"  # as before this option
     arch: Literal["mlp", "wide-resnet"] = "mlp"  # width / depth studies
     widths: tuple[int, ...] = (8, 32, 128, 512)  # width study (WRN: width factors)
     depth: int = 4  # width study (MLP hidden layers; WRN: 6n+4)
@@ -195,7 +199,7 @@ def make_model(cell: Cell, data: DataSplits) -> nn.Module:
 
 def load_data(cfg: GradientConfusionConfig) -> DataSplits:
     """The dataset in the default dtype; ``max_train`` examples (seeded subsample) if set."""
-    d = load_dataset(cfg.dataset)
+    d = load_study_data(cfg.dataset, "", cfg.preprocess)
     dtype = torch.get_default_dtype()
     keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(cfg.seed))
     keep = keep[: cfg.max_train] if cfg.max_train else torch.arange(len(d.train_y))
@@ -260,7 +264,8 @@ def _errorbar(ax: Any, table: Table, key: str, cap: float, **kw: Any) -> None:
         vals = [v[~np.isnan(v)] for v in vals]  # nan: a diverged cell after init
         keep = [i for i, v in enumerate(vals) if len(v)]
         xs, vals = [xs[i] for i in keep], [vals[i] for i in keep]
-        ax.errorbar(xs, [v.mean() for v in vals], [v.std() for v in vals], capsize=3,
+        half = [mean_ci(v).half_width if len(v) > 1 else 0.0 for v in vals]
+        ax.errorbar(xs, [v.mean() for v in vals], half, capsize=3,
                     marker="o", label=f"{group} {kw.get('suffix', '')}".strip(),
                     linestyle=kw.get("ls", "-"), color=f"C{i}")
 
@@ -287,7 +292,7 @@ def _factor_plot(study: str, table: Table, total: int, out: Path) -> Path:
             ax.set_xscale("log", base=2)
         ax.set_xticks(factors, [str(f) for f in factors])
     axes[0, 0].legend(fontsize=6)
-    fig.suptitle(f"gradient confusion vs {name} (mean ± std over seeds)")
+    fig.suptitle(f"gradient confusion vs {name} (mean ± 95 % t-interval over seeds)")
     return _save(fig, out / f"{study}_vs_factor.png")
 
 
@@ -328,16 +333,23 @@ def _histograms(cfg: GradientConfusionConfig, run: Run, out: Path) -> Path:
 def _claims(cfg: GradientConfusionConfig, table: Table, total: int, out: Path) -> Path:
     """``{study}_claims.md`` and the same table as a figure; returns the figure."""
     rows = paper_claims(cfg.study, table, total)
+    n = max(len(cells) for by_f in table.values() for cells in by_f.values())
     lines = [f"# gradient confusion, study {cfg.study}: the paper's claims", "",
              "Confusion = minimum pairwise cosine (eta = max(0, -min inner product)) at init "
              "and averaged over the measurements of training and at the first measurement "
              f"with train loss <= {cfg.target_loss} (matched); speed = steps until train "
-             f"accuracy >= {cfg.target_acc} "
-             f"(budget {total} steps). Verdicts: trends by Spearman rho over (factor, seed) "
-             "cells (|rho| >= 0.5), group differences beyond the seeds' std.", "",
-             "| claim | form | measured | verdict |", "|---|---|---|---|"]
+             f"accuracy >= {cfg.target_acc} (budget {total} steps; never: 2 x budget).", "",
+             "**Rule.** " + RULE, "",
+             f"**Parameters.** seeds = {','.join(map(str, cfg.seeds))} (n = {n} per cell); a "
+             "trend is the per-seed least-squares slope against log2(factor) (change per "
+             "doubling); two groups: Welch's interval of the difference; \"does not grow\": "
+             f"absence margin ±{ABSENCE_SLOPE} per doubling; dataset = {cfg.dataset}; "
+             f"epochs = {cfg.epochs or STUDY_EPOCHS[cfg.study]}.", "",
+             "| claim | form | measured (mean ± 95 % interval over seeds) | verdict |",
+             "|---|---|---|---|"]
     lines += [f"| {' | '.join(r)} |" for r in rows]
     (out / f"{cfg.study}_claims.md").write_text("\n".join(lines) + "\n")
+    (out / f"{cfg.study}_verdict_grid.md").write_text(claims_grid(rows))
     fig, axes = new_figure(1, 1, size=(10.0, 0.3 * len(rows) + 0.6))
     ax = axes[0, 0]
     ax.axis("off")
@@ -347,6 +359,18 @@ def _claims(cfg: GradientConfusionConfig, table: Table, total: int, out: Path) -
     tab.set_fontsize(6)
     tab.auto_set_column_width([0, 1, 2, 3])
     return _save(fig, out / f"{cfg.study}_claims.png")
+
+
+def claims_grid(rows: list[tuple[str, str, str, str]]) -> str:
+    """One line per claim, one column per measurement form, each cell the generated verdict
+    word: every form is shown, none picked."""
+    forms = list(dict.fromkeys(r[1] for r in rows))
+    claims = list(dict.fromkeys(r[0] for r in rows))
+    cell = {(r[0], r[1]): r[3] for r in rows}
+    lines = ["| claim | " + " | ".join(forms) + " |", "|---" * (len(forms) + 1) + "|"]
+    lines += [f"| {c} | " + " | ".join(cell.get((c, f), "") for f in forms) + " |"
+              for c in claims]
+    return "\n".join(lines) + "\n"
 
 
 def report_gradient_confusion(runs: list[Run], out_dir: Path) -> list[Path]:

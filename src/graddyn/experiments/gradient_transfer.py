@@ -43,13 +43,13 @@ from torch import Tensor, nn
 from graddyn.data import (
     DataSplits,
     iterate_minibatches,
-    load_dataset,
     permute_pixels,
     split_by_classes,
 )
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._gradient_transfer_report import report_gradient_transfer
 from graddyn.experiments._gradient_transfer_studies import label_permutation_control
+from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
 from graddyn.interventions.alignment import (
     apply_permutation,
     permutation_align,
@@ -92,6 +92,7 @@ class GradientTransferConfig:
 
     study: Literal["alpha-sweep", "fusion", "forgetting"] = "alpha-sweep"
     dataset: str = "digits"
+    preprocess: Literal["scale", "standardize"] = "standardize"
     model: Literal["mlp", "cnn"] = "mlp"  # mlp: width x depth; cnn: hidden = width
     width: int = 128
     depth: int = 2
@@ -107,7 +108,7 @@ class GradientTransferConfig:
     label_perm: bool = True  # alpha-sweep: also train A' on permuted labels (label_perm control)
     max_train: int = 0  # 0: all training examples
     max_test: int = 0
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # replicates: data subsample, inits, orders
 
     def __post_init__(self) -> None:
         for name in ("alphas", "ewc_lambdas"):
@@ -120,6 +121,13 @@ class GradientTransferConfig:
                 raise ValueError(f"{name} must be positive (n_points >= 2), got {self!r}")
         if not self.alphas:
             raise ValueError("alphas must be a non-empty list, e.g. (0.5, 1.0, 2.0)")
+        check_seeds(self.seeds)
+
+    @property
+    def seed(self) -> int:
+        """The seed of a one-seed view (``replace(cfg, seeds=(s,))``), which the studies
+        run on; the first seed otherwise."""
+        return self.seeds[0]
 
 
 # ---- data, models, training ---------------------------------------------------------------
@@ -136,7 +144,7 @@ def _subsample(d: DataSplits, cfg: GradientTransferConfig) -> DataSplits:
 
 def make_tasks(cfg: GradientTransferConfig) -> tuple[DataSplits, DataSplits, DataSplits]:
     """``(full, task_A, task_B)`` as described in the module docstring."""
-    full = _subsample(load_dataset(cfg.dataset), cfg)
+    full = _subsample(load_study_data(cfg.dataset, "", cfg.preprocess), cfg)
     if cfg.tasks == "split":
         return full, split_by_classes(full, range(5)), split_by_classes(full, range(5, 10))
     return full, full, permute_pixels(full, torch.Generator().manual_seed(cfg.seed + 777))
@@ -374,10 +382,15 @@ def _forgetting(cfg: GradientTransferConfig, run: Run) -> None:
 
 
 def run_gradient_transfer(config: GradientTransferConfig, run: Run) -> None:
-    """Run the configured study and log its metrics (see the module docstring for names)."""
-    {"alpha-sweep": _alpha_sweep, "fusion": _fusion, "forgetting": _forgetting}[config.study](
-        config, run
-    )
+    """Run the configured study for every seed and log its metrics under ``seed<s>/`` (see
+    the module docstring for names); a seed that finished is skipped on resume."""
+    study = {"alpha-sweep": _alpha_sweep, "fusion": _fusion, "forgetting": _forgetting}
+    for seed in config.seeds:
+        view = SeedRun(run, seed)
+        if "done" in view.metric_names():
+            continue
+        study[config.study](replace(config, seeds=(seed,)), view)
+        view.log(0, {"done": 1.0})
 
 
 @EXPERIMENTS.register("gradient-transfer")

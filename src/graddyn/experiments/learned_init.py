@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graddyn.data import load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
+from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
+from graddyn.experiments._verdicts import Verdict, write_verdicts
 from graddyn.interventions.adversarial import pgd, random_start
 from graddyn.interventions.learned_init import REGRESSORS, LearnedInit, steps_to_target
 from graddyn.models import build_model
@@ -50,6 +53,7 @@ SINE_STARTS = ("random", "mean", "learned")
 @dataclass(frozen=True)
 class LearnedInitConfig:
     regressor: str = "ridge"  # "ridge" or "mlp"
+    preprocess: Literal["scale", "standardize"] = "standardize"  # the digits classifier's
     alpha: float = 1.0  # regressor L2 penalty
     # adversarial examples on digits
     clf_width: int = 64
@@ -66,7 +70,12 @@ class LearnedInitConfig:
     solve_steps: int = 400  # Adam steps to solve a training task
     budget: int = 300  # Adam steps on a held-out task
     target_loss: float = 0.01
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # each: classifier, instances, tasks, inits
+
+    @property
+    def seed(self) -> int:
+        """The seed of a one-seed view (``replace(cfg, seeds=(s,))``); the first otherwise."""
+        return self.seeds[0]
 
     def __post_init__(self) -> None:
         if self.regressor not in REGRESSORS:
@@ -80,18 +89,21 @@ class LearnedInitConfig:
             raise ValueError("n_fit and n_tasks_fit must be >= 2 (the map needs examples)")
         if self.eps <= 0 or self.sine_lr <= 0 or self.target_loss <= 0:
             raise ValueError("eps, sine_lr and target_loss must be > 0")
+        check_seeds(self.seeds)
 
 
 def run_learned_init(cfg: LearnedInitConfig, run: Run) -> None:
-    """Both families; see the module doc for the logged metrics."""
-    _run_adversarial(cfg, run)
-    _run_sine(cfg, run)
+    """Both families for every seed (metrics under ``seed<s>/``); see the module doc."""
+    for seed in cfg.seeds:
+        one, view = replace(cfg, seeds=(seed,)), SeedRun(run, seed)
+        _run_adversarial(one, view)
+        _run_sine(one, view)
 
 
 # ----- family (a): PGD adversarial examples -------------------------------------------------
 
 def _train_classifier(cfg: LearnedInitConfig) -> tuple[nn.Module, object]:
-    data = load_dataset("digits")
+    data = load_study_data("digits", "", cfg.preprocess)
     torch.manual_seed(cfg.seed)
     dtype = torch.get_default_dtype()
     model = build_model("mlp", data.input_shape, data.num_classes, width=cfg.clf_width).to(dtype)
@@ -238,32 +250,61 @@ def _log_sine(cfg: LearnedInitConfig, run: Run, curves: dict[str, list[list[floa
 
 # ----- report -------------------------------------------------------------------------------
 
+def verdicts(adv: dict[str, np.ndarray], sine: dict[str, np.ndarray]) -> list[Verdict]:
+    """Learned starts against the others, from per-seed values (``start -> (S,)``): PGD mean
+    iterations to fool (lower is better) and median Adam steps to the target loss."""
+    rows = []
+    for family, values, unit in (("PGD attacks on digits", adv, "mean PGD iterations"),
+                                 ("sinusoid regression", sine, "median Adam steps")):
+        for other in (k for k in values if k != "learned"):
+            est = paired_diff(values["learned"], values[other])
+            rows.append(Verdict(f"{family}: a learned start needs fewer steps than {other}",
+                                effect_verdict(est, -1), f"{unit}, learned "
+                                f"{mean_ci(values['learned'])}, {other} "
+                                f"{mean_ci(values[other])}; difference {est}",
+                                "learned - other < 0 (paired by seed)"))
+    return rows
+
+
 def report_learned_init(runs: Sequence[Run], out_dir: Path) -> list[Path]:
-    """Per run: PGD success rate vs iterations per start; median held-out loss vs Adam steps."""
+    """Per run: PGD success rate vs iterations per start; median held-out loss vs Adam steps
+    (first seed); ``<run>_verdict.md`` / ``.json`` over the seeds."""
     out_dir = Path(out_dir)
     paths = []
     for run in runs:
-        if "adv/zero/success" not in run.metric_names():
+        seeds = run.config.get("seeds") or []
+        views = [SeedRun(run, s) for s in seeds]
+        if not views or "adv/zero/success" not in views[0].metric_names():
             raise ValueError(f"run {run.dir} has no learned-init records; run it first")
-        fig, axes = new_figure(1, 2, size=(4.3, 3.3))
-        for name in ADV_STARTS:
-            _, iters = run.history(f"adv/{name}/mean_iters")
-            axes[0, 0].plot(*run.history(f"adv/{name}/success"), marker=".",
-                            label=f"{name} (mean iters {iters[-1]:.1f})")
-        axes[0, 0].set(xlabel="PGD iterations", ylabel="fraction fooled (held out)",
-                       title="adversarial examples, digits MLP")
-        for name in SINE_STARTS:
-            _, med = run.history(f"sine/{name}/median_steps")
-            steps, vals = run.history(f"sine/{name}/loss")
-            axes[0, 1].loglog(np.maximum(steps, 1), vals, label=f"{name} (median {med[-1]:.0f})")
-        target = run.config.get("target_loss", 0.01)
-        axes[0, 1].axhline(target, color="k", ls=":", lw=0.8)
-        axes[0, 1].set(xlabel="Adam step", ylabel="median MSE (held-out tasks)",
-                       title="sinusoid family, steps to target")
-        for ax in axes[0]:
-            ax.legend(fontsize=7)
-        paths.append(save_figure(fig, out_dir / f"{run.dir.name}_learned_init.png"))
+        paths.append(_figure(views[0], run.config.get("target_loss", 0.01),
+                             out_dir / f"{run.dir.name}_learned_init.png"))
+        adv = {n: np.array([v.history(f"adv/{n}/mean_iters")[1][-1] for v in views])
+               for n in ADV_STARTS}
+        sine = {n: np.array([v.history(f"sine/{n}/median_steps")[1][-1] for v in views])
+                for n in SINE_STARTS}
+        write_verdicts(out_dir, verdicts(adv, sine), {"seeds": ",".join(map(str, seeds))},
+                       f"{run.dir.name}_verdict")
     return paths
+
+
+def _figure(run: SeedRun, target: float, path: Path) -> Path:
+    fig, axes = new_figure(1, 2, size=(4.3, 3.3))
+    for name in ADV_STARTS:
+        _, iters = run.history(f"adv/{name}/mean_iters")
+        axes[0, 0].plot(*run.history(f"adv/{name}/success"), marker=".",
+                        label=f"{name} (mean iters {iters[-1]:.1f})")
+    axes[0, 0].set(xlabel="PGD iterations", ylabel="fraction fooled (held out)",
+                   title=f"adversarial examples, digits MLP (seed {run.seed})")
+    for name in SINE_STARTS:
+        _, med = run.history(f"sine/{name}/median_steps")
+        steps, vals = run.history(f"sine/{name}/loss")
+        axes[0, 1].loglog(np.maximum(steps, 1), vals, label=f"{name} (median {med[-1]:.0f})")
+    axes[0, 1].axhline(target, color="k", ls=":", lw=0.8)
+    axes[0, 1].set(xlabel="Adam step", ylabel="median MSE (held-out tasks)",
+                   title="sinusoid family, steps to target")
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 @EXPERIMENTS.register("learned-init")

@@ -36,9 +36,9 @@ hyper-parameters are our reading of the paper and need CIFAR-10 in the local dat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from graddyn.distributed import (
 )
 from graddyn.distributed._algorithms import check_fraction, check_period
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
+from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
+from graddyn.experiments._verdicts import Verdict, end_value, write_verdicts
 from graddyn.train import Run, new_figure, save_figure
 
 
@@ -68,6 +71,7 @@ class LSGDConfig:
     workers: tuple[int, ...] = (1, 2, 4)  # comparison mode: worker counts
     dataset: str = "digits"
     data_root: str = ""  # "" -> graddyn.data's default folder
+    preprocess: Literal["scale", "standardize"] = "standardize"
     model: str = "mlp"  # any graddyn.models name, or "cnn7"
     width: int = 64  # hidden width of mlp / linear-mlp
     steps: int = 300  # per worker
@@ -85,7 +89,12 @@ class LSGDConfig:
     checkpoint_every: int = 0  # torchrun mode; 0 = never
     timeout_s: float = 60.0  # a dead or hung worker is reported after this
     backend: str = "auto"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)  # comparison mode: replicates; torchrun: the first
+
+    @property
+    def seed(self) -> int:
+        """The seed of a one-seed view (``replace(cfg, seeds=(s,))``); the first otherwise."""
+        return self.seeds[0]
 
     def __post_init__(self) -> None:
         for name in (self.algorithm, *self.algorithms):
@@ -100,6 +109,7 @@ class LSGDConfig:
             check_period(name, getattr(self, name))
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be >= 0 (0 disables checkpoints)")
+        check_seeds(self.seeds)
 
 
 # Our reading of Teng et al. (2019), CIFAR-10 / CNN7 with 4 and 16 workers.
@@ -124,10 +134,9 @@ def cnn7(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
 
 
 def _setup(cfg: LSGDConfig, ctx: DistContext) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    from graddyn.data import load_dataset
     from graddyn.models import build_model
 
-    splits = load_dataset(cfg.dataset, root=cfg.data_root or None)
+    splits = load_study_data(cfg.dataset, cfg.data_root, cfg.preprocess)
     torch.manual_seed(cfg.seed)  # same init everywhere (rank 0's is broadcast anyway)
     if cfg.model == "cnn7":
         model = cnn7(tuple(splits.input_shape), splits.num_classes)
@@ -200,21 +209,69 @@ class LeaderSGD(Experiment):
             finally:
                 shutdown()
             return
-        for algo, n in plan(config):
-            prefix = f"{algo}/w{n}"
-            steps, _ = run.history(f"{prefix}/test_error")
-            if len(steps) and steps[-1] == config.steps:
-                continue  # resumed run: this pair finished already (its last evaluation)
-            if not run.checkpoints(prefix):  # a killed attempt without a checkpoint: redo it
-                run.truncate_after(-1, prefix=f"{prefix}/")
-            launch(worker_main, n, args=(config, algo, str(run.dir), prefix),
-                   backend=config.backend, timeout_s=config.timeout_s, preload=(__name__,))
+        for seed in config.seeds:
+            one = replace(config, seeds=(seed,))
+            for algo, n in plan(config):
+                prefix = f"seed{seed}/{algo}/w{n}"
+                steps, _ = run.history(f"{prefix}/test_error")
+                if len(steps) and steps[-1] == config.steps:
+                    continue  # resumed run: this pair finished already (its last evaluation)
+                if not run.checkpoints(prefix):  # a killed attempt without a checkpoint: redo
+                    run.truncate_after(-1, prefix=f"{prefix}/")
+                launch(worker_main, n, args=(one, algo, str(run.dir), prefix),
+                       backend=config.backend, timeout_s=config.timeout_s, preload=(__name__,))
 
     def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return [draw_comparison(run, Path(out_dir) / f"lsgd-{run.name}.png") for run in runs]
+        """Per run: the comparison figure (first seed; a torchrun run has no seed prefix) and,
+        for a comparison run, ``lsgd-<run>_verdict.md`` / ``.json`` over its seeds."""
+        paths = []
+        for run in runs:
+            seeded = [s for s in run.config.get("seeds", ())
+                      if SeedRun(run, s).metric_names()]
+            view = SeedRun(run, seeded[0]) if seeded else run
+            paths.append(draw_comparison(view, Path(out_dir) / f"lsgd-{run.name}.png"))
+            if seeded:
+                write_verdicts(Path(out_dir), verdicts([SeedRun(run, s) for s in seeded]), {
+                    "seeds": ",".join(map(str, seeded)), "dataset": run.config["dataset"],
+                    "steps per worker": run.config["steps"],
+                    "end": f"median of the last {WINDOW} evaluations"},
+                    f"lsgd-{run.name}_verdict")
+        return paths
 
     def demo_config(self) -> LSGDConfig:
         return LSGDConfig(workers=(1, 2), steps=60, eval_every=20)
+
+
+WINDOW = 3
+
+
+def verdicts(views: list[Any]) -> list[Verdict]:
+    """Teng et al.'s claims, per worker count n > 1, from one ``SeedRun`` per seed: LSGD's
+    end test error below data-parallel SGD's and EASGD's (paired by seed), and LSGD sends
+    less than data-parallel SGD."""
+    series = [_series(v) for v in views]
+    counts = sorted({n for s in series for (a, n) in s if a == "lsgd" and n > 1})
+    rows = []
+    for other in ("data-parallel", "easgd"):
+        for n in counts:
+            if not all(("lsgd", n) in s and (other, n) in s for s in series):
+                continue
+            end = {a: np.array([end_value((s[(a, n)]["step"], s[(a, n)]["test_error"]),
+                                          WINDOW) for s in series]) for a in ("lsgd", other)}
+            est = paired_diff(end["lsgd"], end[other])
+            rows.append(Verdict(f"LSGD reaches a lower test error than {other}, {n} workers",
+                                effect_verdict(est, -1), f"end test error lsgd "
+                                f"{mean_ci(end['lsgd'])}, {other} {mean_ci(end[other])}; "
+                                f"difference {est}", "lsgd - other < 0 (paired by seed)"))
+    for n in counts:
+        if all(("data-parallel", n) in s for s in series):
+            mb = {a: np.array([s[(a, n)]["comm_mb"][-1] for s in series])
+                  for a in ("lsgd", "data-parallel")}
+            est = paired_diff(mb["lsgd"], mb["data-parallel"])
+            rows.append(Verdict(f"LSGD sends less than data-parallel SGD, {n} workers",
+                                effect_verdict(est, -1), f"MB sent per worker, lsgd - "
+                                f"data-parallel: {est}", "difference < 0 (paired by seed)"))
+    return rows
 
 
 _COLORS = {"data-parallel": "tab:gray", "lsgd": "tab:red", "multi-lsgd": "tab:purple",
@@ -222,7 +279,7 @@ _COLORS = {"data-parallel": "tab:gray", "lsgd": "tab:red", "multi-lsgd": "tab:pu
 _STYLES = {1: ":", 2: "--", 4: "-"}
 
 
-def _series(run: Run) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+def _series(run: Any) -> dict[tuple[str, int], dict[str, np.ndarray]]:
     out: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     for name in run.metric_names():
         algo, w, metric = name.split("/", 2)
@@ -231,7 +288,7 @@ def _series(run: Run) -> dict[tuple[str, int], dict[str, np.ndarray]]:
     return out
 
 
-def draw_comparison(run: Run, path: Path) -> Path:
+def draw_comparison(run: Any, path: Path) -> Path:
     """Test error vs steps, vs wall-clock, and MB sent per worker, one line per pair."""
     fig, axes = new_figure(1, 3, size=(4.6, 3.4))
     ax_step, ax_wall, ax_comm = axes[0]

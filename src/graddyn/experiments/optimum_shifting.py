@@ -46,7 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +59,9 @@ from graddyn.curvature import (
     hutchinson_trace,
     top_eigenvalues,
 )
-from graddyn.data import load_dataset
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._config import ConfigError
+from graddyn.experiments._seeds import load_study_data
 from graddyn.interventions.optimum_shift import (
     StochasticOptimumShift,
     collect_features,
@@ -79,6 +79,7 @@ class OptimumShiftingConfig:
 
     dataset: str = "digits"
     data_root: str = ""  # "" -> graddyn.data's default folder (CIFAR / MNIST)
+    preprocess: Literal["scale", "standardize"] = "standardize"
     models: tuple[str, ...] = ("cnn", "resnet")
     width: int = 8  # resnet base width
     cnn_channels: tuple[int, ...] = (32, 64)  # the small MNIST CNN's two conv layers
@@ -141,7 +142,7 @@ class OptimumShiftingConfig:
 def prepare_data(cfg: OptimumShiftingConfig) -> tuple[Any, Any]:
     """``(fit, tune)``: ``fit`` trains on the training set minus the validation split and tests
     on the test set; ``tune`` trains on the same and "tests" on the validation split."""
-    splits = load_dataset(cfg.dataset, root=cfg.data_root or None)
+    splits = load_study_data(cfg.dataset, cfg.data_root, cfg.preprocess)
     dtype = torch.get_default_dtype()
     n, m = len(splits.train_y), len(splits.test_y)
     if cfg.subset:

@@ -26,9 +26,12 @@ plain SGD. One run = one (noise, c) point, so the paper's grid is a sweep::
 (Larger ``c`` first: those runs are the slow ones, so two workers finish together.)
 
 Setup (the paper's): MLP with 3 hidden layers of 256 ReLUs, plain SGD (lr 0.1, batch 100, no
-momentum, no regulariser), a ``noise`` fraction of the training labels shuffled among
-themselves (``graddyn.data.corrupt_labels``), clean test labels. Recorded at every
-evaluation: ``train/acc`` (against the noisy labels), ``test/acc``, the losses,
+momentum, no regulariser), inputs as pixels / 255 (``preprocess``), a ``noise`` fraction of the
+training labels shuffled among themselves (``graddyn.data.corrupt_labels``), clean test labels.
+Every point is trained once per seed of ``seeds`` (metrics prefixed ``seed<s>/``; a seed fixes
+the subset, the corruption, the initial weights and the data order, shared by every c, so
+points pair by seed). Also on MNIST-1D: ``--set dataset=mnist1d`` (1-D signals, MLP only).
+Recorded at every evaluation: ``train/acc`` (against the noisy labels), ``test/acc``, the losses,
 ``learned_at/frac_learned_pristine`` / ``_corrupt`` (fraction of each group classified as
 labelled: memorisation of the corrupt labels) and ``overfit`` =
 train_acc - [eps / K + (1 - eps) test_acc] (eps = noise, K classes; the paper's 0.1 = 1/10):
@@ -58,10 +61,11 @@ from torch import Tensor, nn
 
 from graddyn._robust import check_c
 from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._config import ConfigError
+from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.experiments._winsorize_report import draw_report, overfit_measure
 from graddyn.instruments import LearnedAt
 from graddyn.interventions.winsorize import DEFAULT_BUDGET, WinsorizedGradient
+from graddyn.models._init import check_scheme
 from graddyn.train import Run, Trainer, at_end, every
 
 # The paper's length on full MNIST: 100 epochs of 600 batches of 100.
@@ -81,22 +85,23 @@ class WinsorizeConfig:
     paper's 3 x 256) and are ignored by ``model=cnn`` (``graddyn.models`` ``cnn``).
     ``memory_budget_mb`` bounds the extra memory of a winsorized step."""
 
-    dataset: str = "mnist-subset"
+    dataset: str = "mnist-subset"  # or mnist1d (MLP only), or mnist (local files)
     data_root: str = ""  # "" -> graddyn.data's default folder (real MNIST is read from there)
+    preprocess: Literal["scale", "standardize"] = "scale"  # pixels / 255, as the paper's code
     model: Literal["mlp", "cnn"] = "mlp"
     noise: float = 0.0  # fraction eps of training labels shuffled among themselves
     c: int = 0  # values clipped at each end of each coordinate's B per-example gradients
     n_train: int = 0
     width: int = 256
     depth: int = 3
-    init: str = "xavier-sqrt2"
+    init: str = "xavier-sqrt2"  # a graddyn.models init scheme; "pytorch": PyTorch's default
     steps: int = 0
     batch_size: int = 100
     lr: float = 0.1
     eval_points: int = 20  # whole train / test set evaluations (+ step 0 and the end)
     checkpoint_points: int = 4
     memory_budget_mb: float = DEFAULT_BUDGET / 2**20
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise <= 1.0:
@@ -115,6 +120,8 @@ class WinsorizeConfig:
             raise ValueError(f"lr and memory_budget_mb must be > 0, got {self.lr}, "
                              f"{self.memory_budget_mb}")
         check_c(self.c, self.batch_size)  # c < batch_size / 2, named in the message
+        check_seeds(self.seeds)
+        check_scheme(self.init)
 
     @property
     def total_steps(self) -> int:
@@ -127,50 +134,41 @@ class WinsorizeConfig:
         return self.n_train or (0 if self.dataset == "mnist" else SUBSET_TRAIN)
 
 
-def noisy_split(cfg: WinsorizeConfig, splits: Any) -> tuple[SimpleNamespace, Tensor]:
+def noisy_split(cfg: WinsorizeConfig, splits: Any, seed: int
+                ) -> tuple[SimpleNamespace, Tensor]:
     """The training set (a seeded subset of ``cfg.train_size`` images, all if 0) with
     ``cfg.noise`` of its labels shuffled among themselves, and the clean test set.
     Seeds follow ``coherent-gradients.label-noise`` (subset: seed; corruption: seed + 1).
     Returns (data with ``train_x, train_y, clean_y, test_x, test_y``, corrupt mask (N,))."""
-    from graddyn.data import corrupt_labels
-
-    x, y = splits.train_x, splits.train_y
-    n = cfg.train_size
-    if n:
-        if n > len(y):
-            raise ConfigError(f"n_train={n} exceeds the {len(y)} training examples of "
-                             f"{cfg.dataset!r}; set n_train={len(y)} or lower")
-        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
-        keep = keep[:n].sort().values
-        x, y = x[keep], y[keep]
-    labels, mask = corrupt_labels(y, cfg.noise, torch.Generator().manual_seed(cfg.seed + 1))
-    data = SimpleNamespace(train_x=x, train_y=labels, clean_y=y,
-                           test_x=splits.test_x, test_y=splits.test_y)
-    return data, mask
+    return noisy_subset(splits, cfg.train_size, cfg.noise, seed)
 
 
-def build_network(cfg: WinsorizeConfig, splits: Any) -> nn.Module:
-    """The paper's MLP (``width`` x ``depth`` ReLU) or the small CNN, seeded by ``cfg.seed``
-    so every (noise, c) point starts from the same weights."""
+def build_network(cfg: WinsorizeConfig, splits: Any, seed: int) -> nn.Module:
+    """The paper's MLP (``width`` x ``depth`` ReLU) or the small CNN, seeded by ``seed`` so
+    every (noise, c) point of a seed starts from the same weights."""
     from graddyn.models import build_model
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     if cfg.model == "mlp":
         return build_model("mlp", splits.input_shape, splits.num_classes, width=cfg.width,
                            depth=cfg.depth, init=cfg.init)
+    if len(splits.input_shape) != 3:
+        raise ValueError(f"model=cnn needs images (C, H, W); {cfg.dataset!r} has inputs of shape "
+                         f"{splits.input_shape}: use model=mlp")
     return build_model("cnn", splits.input_shape, splits.num_classes, init=cfg.init)
 
 
-def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None) -> Trainer:
-    """Model, SGD, the winsorized rule and the evaluation / checkpoint schedules."""
-    data, mask = noisy_split(cfg, splits)
-    model = build_network(cfg, splits).to(data.train_x.dtype)
+def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int) -> Trainer:
+    """Model, SGD, the winsorized rule and the evaluation / checkpoint schedules of one seed
+    (metrics and checkpoints under the tag ``seed<s>``)."""
+    data, mask = noisy_split(cfg, splits, seed)
+    model = build_network(cfg, splits, seed).to(data.train_x.dtype)
     rule = WinsorizedGradient(cfg.c, memory_budget_bytes=int(cfg.memory_budget_mb * 2**20))
     steps = cfg.total_steps
     evals = every(max(1, math.ceil(steps / cfg.eval_points))) | at_end
     return Trainer(
         model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-        batch_size=cfg.batch_size, seed=cfg.seed, rule=rule, groups=mask, run=run,
+        batch_size=cfg.batch_size, seed=seed, rule=rule, groups=mask, run=run, tag=f"seed{seed}",
         probe_size=len(data.train_y), probe_batch_size=1000,
         # run_long: the record of when each example was learned lives across evaluations
         # (reset at each one, every learned example would date from the current step)
@@ -179,18 +177,18 @@ def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None) -> Trainer:
     )
 
 
-def log_overfit(run: Run, noise: float, num_classes: int) -> None:
-    """Log ``overfit`` at every step that has both ``train/acc`` and ``test/acc``
-    (idempotent: a resumed run rewrites the same values)."""
-    s_tr, train = run.history("train/acc")
-    s_te, test = run.history("test/acc")
+def log_overfit(run: Run, noise: float, num_classes: int, prefix: str = "") -> None:
+    """Log ``<prefix>overfit`` at every step that has both ``<prefix>train/acc`` and
+    ``<prefix>test/acc`` (idempotent: a resumed run rewrites the same values)."""
+    s_tr, train = run.history(f"{prefix}train/acc")
+    s_te, test = run.history(f"{prefix}test/acc")
     steps, i, j = np.intersect1d(s_tr, s_te, return_indices=True)
     values = overfit_measure(train[i], test[j], noise, num_classes)
     for step, v in zip(steps, values):
-        run.log(int(step), {"overfit": float(v)})
+        run.log(int(step), {f"{prefix}overfit": float(v)})
 
 
-# ``graddyn demo``-sized: one winsorized point; 7.7 s wall on this CPU with the kernel.
+# ``graddyn demo``-sized: one winsorized point, 3 seeds, 100 steps.
 DEMO = WinsorizeConfig(noise=0.5, c=1, steps=100)
 
 
@@ -201,22 +199,20 @@ class Winsorize(Experiment):
     Config = WinsorizeConfig
 
     def run(self, config: WinsorizeConfig, run: Run) -> None:
-        from graddyn.data import load_dataset
-
-        splits = load_dataset(config.dataset, root=config.data_root or None)
-        trainer = make_trainer(config, splits, run)
-        run.log_array("corrupt_mask", trainer.groups)
-        run.set_meta(total_steps=config.total_steps, num_classes=splits.num_classes,
-                     train_size=len(trainer.y))
+        splits = load_study_data(config.dataset, config.data_root, config.preprocess)
         start = time.perf_counter()
-        state = trainer.fit(config.total_steps)
-        run.set_meta(fit_seconds=round(time.perf_counter() - start, 2),
-                     fit_steps=state.step)
-        log_overfit(run, config.noise, splits.num_classes)
+        for seed in config.seeds:
+            trainer = make_trainer(config, splits, run, seed)
+            run.log_array(f"seed{seed}/corrupt_mask", trainer.groups)
+            run.set_meta(total_steps=config.total_steps, num_classes=splits.num_classes,
+                         train_size=len(trainer.y))
+            trainer.fit(config.total_steps)
+            log_overfit(run, config.noise, splits.num_classes, f"seed{seed}/")
+        run.set_meta(fit_seconds=round(time.perf_counter() - start, 2))
 
     def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
         return draw_report(runs, Path(out_dir))
 
     def demo_config(self) -> WinsorizeConfig:
-        """``DEMO``: one winsorized (c = 1, 50 % noise) point, 100 steps."""
+        """``DEMO``: one winsorized (c = 1, 50 % noise) point, 100 steps, 3 seeds."""
         return DEMO

@@ -10,9 +10,12 @@ scheme             weights                                         reference
                    al. use)
 ``orthogonal``     orthogonal rows/columns times gain (default 1);  Saxe et al., ICLR 2014
                    conv kernels flattened to (out, in * k * k)
+``pytorch``        left as PyTorch builds it: U(-1/sqrt(fan_in),    ``nn.Linear`` / ``nn.Conv``
+                   1/sqrt(fan_in)) for weights and biases           defaults
 =================  ==============================================  ==========================
 
-Biases are set to zero. Normalisation layers and embeddings keep their own initialisation.
+Biases are set to zero (except by ``pytorch``, which changes nothing). Normalisation layers
+and embeddings keep their own initialisation.
 ``gain`` overrides the scheme's default gain. Draws use the global RNG, so construction is
 deterministic under ``torch.manual_seed``.
 """
@@ -30,6 +33,7 @@ _DEFAULT_GAIN = {
     "kaiming": math.sqrt(2.0),
     "gaussian": math.sqrt(2.0),
     "orthogonal": 1.0,
+    "pytorch": 1.0,  # no re-initialisation: the layers' own reset_parameters()
 }
 INIT_SCHEMES: tuple[str, ...] = tuple(_DEFAULT_GAIN)
 
@@ -63,6 +67,8 @@ def init_weights(model: nn.Module, scheme: str, gain: float | None = None) -> nn
     True
     """
     check_scheme(scheme)
+    if scheme == "pytorch":
+        return model
     g = _DEFAULT_GAIN[scheme] if gain is None else float(gain)
     for module in model.modules():
         if isinstance(module, _WEIGHTED):

@@ -166,17 +166,30 @@ def fmt_config(v: Any) -> str:
 
 
 # ---- tables the experiment wrote ----------------------------------------------------------
-def verdict_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Prediction / verdict / evidence / threshold, the verdict cell green (holds), red
-    (fails) or grey (not testable)."""
-    word = {True: ("holds", "holds"), False: ("fails", "fails"), None: ("not testable", "na")}
+_VERDICT_CELL = {"holds": ("holds", "holds"), "fails": ("fails", "fails"),
+                 "inconclusive": ("inconclusive", "na"), "n/a": ("not testable", "na"),
+                 True: ("holds", "holds"), False: ("fails", "fails"),
+                 None: ("not testable", "na")}
+
+
+def verdict_table(data: Any) -> str:
+    """Prediction / verdict / evidence / rule, the verdict cell green (holds), red (fails) or
+    grey (inconclusive, not testable); above it the statistical rule and its parameters.
+    ``data``: a ``verdict.json`` ({"rule", "parameters", "rows"}; rows with a ``verdict``
+    word), or an older list of rows with ``holds`` true/false/null."""
+    rows = data.get("rows", []) if isinstance(data, dict) else data
+    head = ""
+    if isinstance(data, dict) and data.get("rule"):
+        params = "; ".join(f"{k}: {v}" for k, v in data.get("parameters", {}).items())
+        head = (f"<p class='rule'>{html.escape(str(data['rule']))}</p>"
+                + (f"<p class='rule'>{html.escape(params)}</p>" if params else ""))
     body, classes = [], []
     for r in rows:
-        text, cls = word[r.get("holds")]
+        text, cls = _VERDICT_CELL.get(r.get("verdict", r.get("holds")), ("?", "na"))
         body.append([r.get("prediction", ""), text, r.get("evidence", ""),
-                     r.get("threshold", "")])
+                     r.get("rule", r.get("threshold", ""))])
         classes.append(["", cls, "", ""])
-    return table(["prediction", "verdict", "evidence", "threshold"], body, classes)
+    return head + table(["prediction", "verdict", "evidence", "rule"], body, classes)
 
 
 def markdown_tables(text: str) -> list[str]:
