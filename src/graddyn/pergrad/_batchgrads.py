@@ -46,6 +46,7 @@ class BatchGrads:
         self._host: tuple[np.ndarray, np.ndarray] | None = None  # Gram, cosines (NumPy)
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised per-example gradients, kept
+        self.exchange = None  # capture(process_group=...): what gathering the ranks' cost
 
     @property
     def names(self) -> list[str]:
