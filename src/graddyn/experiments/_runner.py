@@ -92,7 +92,8 @@ def _saved_config(run: Run, experiment: str, config: Any, overrides: Sequence[st
         )
     saved = config_from_dict(type(config), run.config)
     wanted = config if explicit else parse_overrides(type(config), overrides, base=saved)
-    diff = sorted(k for k, v in config_to_dict(wanted).items() if run.config.get(k) != v)
+    have = config_to_dict(saved)  # a field added since the run was made reads its default
+    diff = sorted(k for k, v in config_to_dict(wanted).items() if have.get(k) != v)
     if diff:
         raise ConfigError(
             f"run {run.name!r} was started with a different config (differs in: "
