@@ -110,6 +110,10 @@ def main(out: Path) -> None:
                                 groups)
         results[name + "/exchange"] = grads.exchange
     fit = trainer(nn.parallel.DistributedDataParallel(train_model()))
+    try:  # a global batch the ranks cannot share equally
+        Trainer(fit.model, fit.optimizer, data(), batch_size=13)
+    except ValueError as err:
+        results["odd_batch"] = str(err)
     fit.fit(8)
     results["train"] = {"history": fit.history,
                         "weights": {k: v.clone() for k, v in fit.model.module.state_dict().items()}}

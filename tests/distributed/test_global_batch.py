@@ -60,6 +60,11 @@ def test_the_exchange_is_counted(ranks):
     assert ranks[1]["mlp/exchange"].payload == 3 * 8 * 26
 
 
+def test_a_global_batch_the_ranks_cannot_share_is_refused(ranks):
+    for r in ranks:
+        assert "batch_size=13 must be a multiple of 2" in r["odd_batch"]
+
+
 def test_ddp_training_with_batch_instruments_follows_single_process(ranks):
     ref = worker.trainer(worker.train_model())
     ref.fit(8)

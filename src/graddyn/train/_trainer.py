@@ -130,8 +130,8 @@ class Trainer:
             raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
         self._group = model.process_group if isinstance(model, DDP) else None
         world = 1 if self._group is None else dist.get_world_size(self._group)
-        if self.batch_size % world or (world > 1 and rule is not None
-                                       and not isinstance(rule, MeanLoss)):
+        if self._group is not None and (self.batch_size % world or not isinstance(
+                rule or MeanLoss(), MeanLoss)):
             raise ValueError(
                 f"under DistributedDataParallel batch_size is the global batch, split among "
                 f"the {world} ranks, and the gradient is DDP's mean: batch_size={batch_size} "
