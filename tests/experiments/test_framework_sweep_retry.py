@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from graddyn.experiments import default_run_name, parse_overrides, run_experiment
+from graddyn.experiments import default_run_name, parse_overrides, run_experiment, show
 from graddyn.experiments._smoke import SmokeConfig
 from graddyn.experiments._sweep import drive
 from graddyn.train import RunStore
@@ -61,6 +61,7 @@ def check_resumed(root: Path, sweep: str, first: str, ref_root: Path, cause: str
     run = RunStore(root).open(first)
     assert run.status == "finished" and len(run.get_meta("lost_workers")) == 1
     assert cause in run.get_meta("lost_workers")[0]
+    assert f"lost       {run.get_meta('lost_workers')[0]}" in show(first, root=root)
     ref = run_experiment("smoke", [*BASE, "noise=0"], root=ref_root, progress=False)
     for name in ref.metric_names():
         (s1, v1), (s2, v2) = run.history(name), ref.history(name)

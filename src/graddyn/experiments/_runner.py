@@ -292,6 +292,7 @@ def show(target: str, *, root: str | Path = "runs") -> str:
         f"seed       {run.seed}   git {run.get_meta('git_sha')}",
         f"created    {run.get_meta('created')}   finished {run.get_meta('finished')}",
         f"config     {json.dumps(run.config)}",
+        *(f"lost       {why}" for why in run.get_meta("lost_workers") or ()),  # sweeps
         "",
     ]
     latest = run.latest()
