@@ -400,7 +400,8 @@ class Capture:
                 g = got.get(e)
                 edges.append(e)
                 seeds.append(torch.zeros(tuple(e[0]._input_metadata[e[1]].shape),
-                                         dtype=losses.dtype) if g is None else g)
+                                         dtype=losses.dtype, device=losses.device)
+                             if g is None else g)
         stop = {ekey(calls[i].edges[0]): ("call", i) for i in bk.stops}
         shapes = {**{pid: tuple(self._by_id[pid].shape) for pid in bk.targets},
                   **{e: tuple(calls[i].outputs[0].shape) for e, (_, i) in stop.items()}}
