@@ -47,36 +47,38 @@ METHODS = ["plain", "graddyn_gram", "graddyn_norms", "func_gram", "func_norms", 
 
 # --- models ---------------------------------------------------------------------------------
 class Batch:
-    """Inputs, targets and the per-example loss of one benchmark case."""
+    """Inputs, targets and the per-example loss ``loss_fn(output, targets) -> (B,)`` of one
+    benchmark case."""
 
-    def __init__(self, model: nn.Module, inputs: dict, per_example: Callable[[object], Tensor],
-                 size: int, targets: Tensor | None = None) -> None:
-        self.model, self.inputs, self.per_example, self.size = model, inputs, per_example, size
-        self.targets = targets  # class targets (classification cases; BackPACK's own loss)
+    def __init__(self, model: nn.Module, inputs: dict, targets: Tensor,
+                 loss_fn: Callable[[object, Tensor], Tensor], classify: bool) -> None:
+        self.model, self.inputs, self.targets, self.loss_fn = model, inputs, targets, loss_fn
+        self.size, self.classify = targets.shape[0], classify
 
     def losses(self, model: nn.Module | None = None) -> Tensor:
-        return self.per_example((model or self.model)(**self.inputs))
+        return self.loss_fn((model or self.model)(**self.inputs), self.targets)
+
+
+def _logits(out: object) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _lm_loss(out: object, ids: Tensor) -> Tensor:
+    return F.cross_entropy(_logits(out).transpose(1, 2), ids, reduction="none").mean(1)
+
+
+def _cls_loss(out: object, y: Tensor) -> Tensor:
+    return F.cross_entropy(_logits(out), y, reduction="none")
 
 
 def _lm_case(model: nn.Module, b: int, t: int, vocab: int) -> Batch:
     ids = torch.randint(0, vocab, (b, t))
-
-    def per_example(out: object) -> Tensor:
-        logits = out.logits if hasattr(out, "logits") else out
-        return F.cross_entropy(logits.transpose(1, 2), ids[: logits.shape[0]],
-                               reduction="none").mean(1)
-
-    return Batch(model, {"input_ids": ids}, per_example, b)
+    return Batch(model, {"input_ids": ids}, ids, _lm_loss, classify=False)
 
 
 def _cls_case(model: nn.Module, x: Tensor, classes: int, key: str = "x") -> Batch:
     y = torch.randint(0, classes, (x.shape[0],))
-
-    def per_example(out: object) -> Tensor:
-        logits = out.logits if hasattr(out, "logits") else out
-        return F.cross_entropy(logits, y[: logits.shape[0]], reduction="none")
-
-    return Batch(model, {key: x}, per_example, x.shape[0], y)
+    return Batch(model, {key: x}, y, _cls_loss, classify=True)
 
 
 class BasicBlock(nn.Module):
@@ -203,8 +205,8 @@ def make_runner(method: str, case: Batch) -> Callable[[], Tensor]:
             if not first[0]:
                 cap.rearm()
             first[0] = False
-            grads = cap.backward(case.losses(), scale=1.0 / b)
-            grads.write_grad(overwrite=True)
+            grads = cap.backward(case.losses())  # row n: the gradient of loss n
+            grads.write_grad(scale=1.0 / b, overwrite=True)  # p.grad: of the mean loss
             return grads.gram() if method == "graddyn_gram" else grads.norms()
         return run
     if method.startswith("func"):
@@ -213,15 +215,15 @@ def make_runner(method: str, case: Batch) -> Callable[[], Tensor]:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         keys = list(case.inputs)
 
-        def one(p: dict, *xs: Tensor) -> Tensor:
+        def one(p: dict, target: Tensor, *xs: Tensor) -> Tensor:  # one example
             inputs = {k: x[None] for k, x in zip(keys, xs)}
-            return case.per_example(functional_call(model, p, (), inputs))[0]
+            return case.loss_fn(functional_call(model, p, (), inputs), target[None])[0]
 
-        per_ex = vmap(grad(one), in_dims=(None, *[0] * len(keys)))
+        per_ex = vmap(grad(one), in_dims=(None, 0, *[0] * len(keys)))
 
         def run() -> Tensor:
             ps = {n: p.detach() for n, p in model.named_parameters() if n in names}
-            g = per_ex(ps, *case.inputs.values())
+            g = per_ex(ps, case.targets, *case.inputs.values())
             for p, n in zip(params, names):
                 p.grad = g[n].mean(0)
             flat = _flat(list(g.values()), b)
@@ -257,13 +259,13 @@ def make_runner(method: str, case: Batch) -> Callable[[], Tensor]:
 
         bmodel = extend(model)
         ext = BatchGrad() if method == "backpack_gram" else BatchL2Grad()
-        loss_fn = extend(nn.CrossEntropyLoss())
+        loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))  # grad_batch: d loss_n
 
         def run() -> Tensor:
             bmodel.zero_grad(set_to_none=True)
             logits = bmodel(**case.inputs)
             logits = logits.logits if hasattr(logits, "logits") else logits
-            if case.targets is None:
+            if not case.classify:
                 raise TypeError("BackPACK's extended loss covers classification cases here")
             with backpack(ext):
                 loss_fn(logits, case.targets).backward()
@@ -278,12 +280,12 @@ def make_runner(method: str, case: Batch) -> Callable[[], Tensor]:
 # --- measurement ----------------------------------------------------------------------------
 def time_case(name: str, size: str, methods: list[str], repeats: int) -> dict[str, dict]:
     """Median seconds per method, interleaved over ``repeats`` rounds; errors kept."""
-    runners, res = {}, {}
+    runners, res, first = {}, {}, {}
     for method in methods:
         try:
             case = build(name, size)
             run = make_runner(method, case)
-            run()  # warm-up: lazy init, the probe of graddyn's first step
+            first[method] = run().detach().double()  # warm-up: lazy init, graddyn's probe
             runners[method] = run
         except Exception as e:  # noqa: BLE001 - a peer that does not support the model
             res[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:70]}"}
@@ -295,6 +297,10 @@ def time_case(name: str, size: str, methods: list[str], repeats: int) -> dict[st
             times[method].append(time.perf_counter() - t0)
     for method, ts in times.items():
         res[method] = {"time": statistics.median(ts), "times": ts}
+        stat = "gram" if method.endswith("gram") else "norms" if method.endswith("norms") else ""
+        ref = first.get(f"func_{stat}", first.get(f"graddyn_{stat}"))
+        if stat and ref is not None and ref.shape == first[method].shape:  # same numbers?
+            res[method]["diff"] = float((first[method] - ref).abs().max() / ref.abs().max())
     return res
 
 
@@ -318,15 +324,17 @@ def memory_one(name: str, size: str, method: str) -> dict:
 
 def report(name: str, size: str, res: dict, mem: dict) -> None:
     plain = res.get("plain", {}).get("time")
-    print(f"\n### {name} ({size})\n| method | time (ms) | x plain | peak memory (MiB) |")
-    print("|---|---:|---:|---:|")
+    print(f"\n### {name} ({size})\n| method | time (ms) | x plain | peak memory (MiB) | "
+          f"max rel. diff to torch.func |")
+    print("|---|---:|---:|---:|---:|")
     for method, r in res.items():
         m = mem.get(method, {})
         mtxt = f"{m['mib']:.0f}" if "mib" in m else m.get("error", "")
         if "error" in r:
             print(f"| {method} | fails: {r['error']} | | |")
             continue
-        print(f"| {method} | {1e3 * r['time']:.1f} | {r['time'] / plain:.2f} | {mtxt} |")
+        diff = f"{r['diff']:.0e}" if "diff" in r else ""
+        print(f"| {method} | {1e3 * r['time']:.1f} | {r['time'] / plain:.2f} | {mtxt} | {diff} |")
     t = {k: v["time"] for k, v in res.items() if "time" in v}
     for stat in ("gram", "norms"):
         peers = {k: v for k, v in t.items() if k.endswith(stat) and not k.startswith("graddyn")}

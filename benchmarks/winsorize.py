@@ -6,7 +6,7 @@
     python benchmarks/winsorize.py --c 1 --repeats 2 --skip-quantile --skip-eager  # smoke run
 
 Target (issue 4): graddyn's winsorized step <= 10x the plain step on the MLP. "graddyn" uses
-``graddyn.capture(...).backward(losses).winsorized_mean(c)`` through
+``winsorized_mean(graddyn.capture(...).backward(losses), c)`` through
 ``graddyn.interventions.winsorize.WinsorizedGradient`` with the compiled kernel
 (``graddyn._robust_kernel``); "graddyn-eager" is the same with the kernel switched off
 (``GRADDYN_NO_KERNEL=1``: the eager PyTorch tournament). If the engine cannot be imported it

@@ -9,6 +9,7 @@ from torch import nn
 
 from graddyn import _robust as R
 from graddyn import _robust_kernel as K
+from graddyn.interventions._winsorized_mean import winsorized_mean
 from graddyn.reference import DenseBatchGrads, per_example_grads
 
 pytestmark = pytest.mark.skipif(not K.usable(torch.zeros(1, dtype=torch.float64)),
@@ -138,10 +139,10 @@ def test_batchgrads_fused_path_matches_the_per_example_loop(c, monkeypatch):
     calls = []
     real = K.outer_corrections
     monkeypatch.setattr(K, "outer_corrections", lambda *a: calls.append(1) or real(*a))
-    got = captured(model, x, y).winsorized_mean(c, memory_budget_bytes=1)
+    got = winsorized_mean(captured(model, x, y), c, memory_budget_bytes=1)
     assert len(calls) == (3 if c > 0 else 0)  # the three weights; biases are blocks
     monkeypatch.setattr(K, "ENABLED", False)
-    eager = captured(model, x, y).winsorized_mean(c)
+    eager = winsorized_mean(captured(model, x, y), c)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(eager[k], want[k], rtol=1e-12, atol=1e-12)
@@ -155,7 +156,7 @@ def test_sequence_linear_uses_blocks_and_matches(monkeypatch):
     fused = []
     real = K.outer_corrections
     monkeypatch.setattr(K, "outer_corrections", lambda g, *a: fused.append(g.shape) or real(g, *a))
-    got = captured(model, x, y).winsorized_mean(2)
+    got = winsorized_mean(captured(model, x, y), 2)
     assert fused == [torch.Size([9, 2])]  # only the last weight (2 outputs)
     want = DenseBatchGrads(per_example_grads(model, ce, x, y), (9,)).winsorized_mean(2)
     for k in want:
@@ -204,8 +205,8 @@ def test_conv_blocks_match_the_loop_for_any_block_size(kernel_on, monkeypatch):
     x, y = torch.randn(11, 2, 6, 6), torch.randint(0, 3, (11,))
     grads = captured(model, x, y)
     want = DenseBatchGrads(per_example_grads(model, ce, x, y), (11,)).winsorized_mean(2)
-    whole = grads.winsorized_mean(2)
-    one_row = grads.winsorized_mean(2, memory_budget_bytes=1)
+    whole = winsorized_mean(grads, 2)
+    one_row = winsorized_mean(grads, 2, memory_budget_bytes=1)
     for k in want:  # blocks of other shapes may round the materialising bmm differently
         torch.testing.assert_close(one_row[k], whole[k], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(whole[k], want[k], rtol=1e-12, atol=1e-12)

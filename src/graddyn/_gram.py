@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import warnings
 from types import ModuleType
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -80,13 +81,27 @@ def host64(t: Tensor | np.ndarray) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64, copy=False)
 
 
+_HOST: WeakKeyDictionary = WeakKeyDictionary()  # grads object -> (Gram, cosines) on the host
+
+
 def host_pairs(grads: object) -> tuple[np.ndarray, np.ndarray]:
-    """(Gram, cosine matrix), both (B, B) float64 NumPy arrays, read-only: memoised by a
-    ``BatchGrads`` (``host_pairs()``), else from any object with ``gram()``."""
-    cached = getattr(grads, "host_pairs", None)
-    if callable(cached):
-        return cached()
-    return pairs_from_gram(grads.gram())  # type: ignore[attr-defined]
+    """(Gram, cosine matrix), both (B, B) float64 NumPy arrays, read-only, memoised per
+    grads object (instruments of one step share them). From the per-layer Grams summed in
+    float64 when the object gives them (``gram(per_layer=True)``), else from ``gram()``."""
+    try:
+        return _HOST[grads]
+    except (KeyError, TypeError):
+        pass
+    try:
+        per_layer = grads.gram(per_layer=True)  # type: ignore[attr-defined]
+        pairs = pairs_from_grams(list(per_layer.values()))
+    except TypeError:  # a gram() without per_layer
+        pairs = pairs_from_gram(grads.gram())  # type: ignore[attr-defined]
+    try:
+        _HOST[grads] = pairs
+    except TypeError:  # not weak-referenceable: not memoised
+        pass
+    return pairs
 
 
 def pairs_from_gram(gram: Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -118,9 +118,7 @@ class DenseBatchGrads:
                    ).reshape(shape) for k in self._g}
         return res if per_layer else sum(res.values())
 
-    def sum(self, write_to_grad: bool = False) -> dict[str, Tensor]:
-        if write_to_grad:
-            raise NotImplementedError("DenseBatchGrads does not know the parameters.")
+    def sum(self) -> dict[str, Tensor]:
         nb = len(self.batch_shape)
         return {k: v.sum(0) if nb == 1 else v.sum(0) for k, v in self._g.items()}
 

@@ -35,7 +35,7 @@ class DenseGrads:
     def cross_gram(self, other: DenseGrads) -> torch.Tensor:
         return self.flat @ other.flat.T
 
-    def sum(self, write_to_grad: bool = False) -> dict[str, torch.Tensor]:
+    def sum(self) -> dict[str, torch.Tensor]:
         return {n: g.sum(0) for n, g in self.per_example.items()}
 
     def materialize(self, chunk_size: int | None = None):

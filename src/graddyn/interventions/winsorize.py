@@ -17,7 +17,7 @@ Two entry points:
   ``rule(model, loss_fn, batch)`` is the ``graddyn.train`` GradientRule protocol.
 
 Cost: one forward/backward, the plain per-coordinate sum, and the c + 1 largest and smallest
-per-example values per coordinate (``BatchGrads.winsorized_mean``). With the compiled
+per-example values per coordinate (``winsorized_mean`` of a ``BatchGrads``). With the compiled
 kernel (numba; ``graddyn._robust_kernel``) Linear layers are never materialised and the rest
 is materialised in row blocks within ``memory_budget_bytes``: measured 4-6x a plain SGD step
 at c = 1-2 and ~10x at c = 8 on the 3x256 MLP (``docs/benchmarks_winsorize.md``). Without it
@@ -133,10 +133,12 @@ class WinsorizedGradient:
             per, losses = _func_per_example(model, x, y, loss_fn, names)
             _check_losses(losses, x.shape[0])
             return winsorized_gradients(per, self.c, self.memory_budget_bytes), losses
+        from graddyn.interventions._winsorized_mean import winsorized_mean
+
         with capture(model) as cap:
             losses = loss_fn(model(x), y)
         _check_losses(losses, x.shape[0])
-        grads = cap.backward(losses).winsorized_mean(self.c, self.memory_budget_bytes)
+        grads = winsorized_mean(cap.backward(losses), self.c, self.memory_budget_bytes)
         return grads, losses.detach()
 
 

@@ -19,13 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _robust_kernel as kernel
-from .._gram import pairs_from_grams
-from .._robust import check_c, extremes_correction, row_sum
 from ._factors import chunks
 from ._paramgrads import FlatCache, ParamGrads, _flat, inner, materializes, self_grams
 
@@ -43,7 +39,6 @@ class BatchGrads:
         self.batch_shape = tuple(batch_shape)
         self._grams: dict[str, Tensor] | None = None  # name -> (N, N) flat, computed once
         self._gram_total: Tensor | None = None
-        self._host: tuple[np.ndarray, np.ndarray] | None = None  # Gram, cosines (NumPy)
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised per-example gradients, kept
         self.exchange = None  # capture(process_group=...): what gathering the ranks' cost
@@ -95,16 +90,6 @@ class BatchGrads:
             self._gram_total = sum(grams.values())
         return self._out(self._gram_total, *shapes).clone()
 
-    def host_pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """(Gram, cosine matrix) as read-only (B, B) float64 NumPy arrays (mode='loss'),
-        memoised: the instruments' O(B^2) statistics run on the host (see ``graddyn._gram``).
-        The per-layer Grams are summed in float64 there."""
-        if len(self.batch_shape) > 1:
-            raise ValueError("host_pairs() is defined for mode='loss' only.")
-        if self._host is None:
-            self._host = pairs_from_grams(list(self._layer_grams().values()))
-        return self._host
-
     def ntk(self) -> Tensor:
         """Empirical NTK of mode='output': Theta[b, k, c, l] = <df_k(x_b), df_l(x_c)>."""
         return self.gram()
@@ -133,33 +118,25 @@ class BatchGrads:
             return {k: self._out(v, *shapes) for k, v in res.items()}
         return self._out(sum(res.values()), *shapes)
 
-    def sum(self, write_to_grad: bool = False, scale: float = 1.0) -> dict[str, Tensor]:
-        """sum_n g_n per parameter: exactly autograd of ``(scale * losses).sum()``.
+    def sum(self, scale: float = 1.0) -> dict[str, Tensor]:
+        """sum_n g_n per parameter: exactly autograd of ``(scale * losses).sum()``; to put it
+        in ``param.grad``, use :meth:`write_grad`.
 
         mode='output': dict name -> (K, *shape), the gradient of each summed output.
-        ``write_to_grad=True`` (mode='loss') adds it into ``param.grad`` like ``backward()``.
         ``scale`` (mode='loss'): returns ``scale * sum_n g_n`` (1/N: the mean gradient) at no
         extra cost (it multiplies the smaller factor, not the P results).
         """
         if len(self.batch_shape) > 1:
-            if write_to_grad:
-                raise ValueError("write_to_grad is only defined for mode='loss'.")
             k = self.batch_shape[1]
             return {name: pg.materialize().reshape(-1, k, *pg.shape).sum(0).detach()
                     for name, pg in self._params.items()}
-        out = {name: self._total(pg, scale).detach() for name, pg in self._params.items()}
-        if write_to_grad:
-            for name, pg in self._params.items():
-                p = pg.param
-                # a private copy only when the dtype matches (``.to`` already copies otherwise),
-                # so that the returned tensors never alias ``p.grad``
-                g = out[name].to(p.dtype)
-                g = g.clone() if g is out[name] else g
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
-        return out
+        return {name: self._total(pg, scale).detach() for name, pg in self._params.items()}
+
+    def per_param(self) -> dict[str, ParamGrads]:
+        """The per-parameter factored gradients, name -> :class:`ParamGrads` (read-only), for
+        algorithms that need coordinates rather than inner products (e.g. the winsorized
+        mean of ``graddyn.interventions``)."""
+        return dict(self._params)
 
     @torch.no_grad()
     def write_grad(self, scale: float = 1.0, overwrite: bool = False) -> None:
@@ -211,99 +188,3 @@ class BatchGrads:
         n = next(iter(self._params.values())).n
         for sl in chunks(n, chunk_size):
             yield {k: pg.materialize(sl).detach() for k, pg in self._params.items()}
-
-    def winsorized_mean(self, c: int, memory_budget_bytes: int = 1 << 28
-                        ) -> dict[str, Tensor]:
-        """Per coordinate, the winsorized mean over examples (clip the c largest and c
-        smallest per-example values) -> dict name -> param.shape (Chatterjee, ICLR 2020).
-
-        Formula: ``(sum_n g_n + extremes_correction) / N`` (see ``graddyn._robust``); the
-        correction needs only the c + 1 largest and smallest values per coordinate. Rows
-        include ``scale`` from backward. Per parameter:
-
-        - a Linear layer on (N, in) input (g_n = outer(G[n], X[n])), with the compiled kernel
-          (``graddyn._robust_kernel``, numba): the sum is ``total()`` (one matmul on the
-          factors) and the kernel streams G[n, i] * X[n, :] per output row, skipping the
-          examples whose factor entry is 0 (ReLU-dead units, zero pixels; exact). Nothing is
-          materialised; extra memory is the (P,) result.
-        - anything else (conv, sequences, biases, dense fallback grads, or no kernel): row
-          blocks (N, rows x cols) of at most min(``memory_budget_bytes`` / 2,
-          ``BLOCK_BYTES``) (at least one row) are materialised into one reused buffer; the
-          sum is taken from them (one add pass) and the correction by the kernel, or by the
-          eager PyTorch tournament (numba missing, ``GRADDYN_NO_KERNEL=1``, not CPU
-          float32/64).
-
-        Cost of the correction: the kernel does about 4 (c + 1) vectorised min/max per value
-        (~0.3 ns per value at c = 1, ~1.3 ns at c = 8, float32, one core) on
-        ``torch.get_num_threads()`` threads; the eager tournament about (2 + log2(c + 1))
-        passes over N x P values plus O(c^2) merges per block (~2.5 and ~10 ns per value).
-        Measured training step on the 3x256 MLP (B = 100): 4-10x a plain SGD step at
-        c = 1..8 with the kernel, 33-140x without (``docs/benchmarks_winsorize.md``). Kernel
-        and eager results agree to rounding. Given the same values, both are bitwise
-        independent of blocks and threads; only the materialising ``bmm`` (conv, sequences)
-        may round differently for another block shape.
-        """
-        if len(self.batch_shape) > 1:
-            raise ValueError("winsorized_mean is defined for mode='loss' only.")
-        if memory_budget_bytes <= 0:
-            raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
-        block = min(max(memory_budget_bytes // 2, 1), BLOCK_BYTES)  # + workspace ~ one block
-        return {k: _winsorized(pg, c, block).detach()
-                for k, pg in self._params.items()}
-
-
-BLOCK_BYTES = 1 << 22
-"""Largest block of per-example values materialised at once: big enough to amortise the
-per-op overhead of the kernel's (w,)-sized merges, small enough to stay in cache (measured
-best of 1-32 MiB on the 3x256 MLP, B = 100)."""
-
-
-@torch.no_grad()  # fallback (torch.func) gradients may carry a graph: not needed here
-def _winsorized(pg: ParamGrads, c: int, budget: int) -> Tensor:
-    n = pg.n
-    check_c(c, n)
-    if c == 0:
-        return (pg.total() / n).reshape(pg.shape)
-    outer = _outer_factors(pg)
-    if outer is not None and kernel.usable(*outer):
-        total = pg.total().reshape(-1)  # (P,) in the matrix view's row-major order
-        corr = kernel.outer_corrections(*outer, c).reshape(-1)
-    else:
-        total, corr = _block_sums_and_corrections(pg, c, budget)
-    return ((total + corr) / n).reshape(pg.shape)
-
-
-def _outer_factors(pg: ParamGrads) -> tuple[Tensor, Tensor] | None:
-    """(G (N, rows), X (N, cols)) when every per-example gradient is exactly one outer product
-    g_n = G[n] (x) X[n] (a Linear layer on 2-D input: one dense factor, Gb = T = 1)."""
-    if pg.dense is not None or len(pg.factors) != 1:
-        return None
-    f = pg.factors[0]
-    if f.index or f.layout[0] != 1 or f.t != 1:
-        return None
-    return f.left[:, 0, 0], f.right[:, 0, 0]
-
-
-def _block_sums_and_corrections(pg: ParamGrads, c: int, budget: int
-                                ) -> tuple[Tensor, Tensor]:
-    """(plain sum, extremes correction), each (P,) in the matrix view's row-major order, from
-    row blocks (N, rows x cols) materialised into one buffer of at most ``budget`` bytes: the
-    compiled kernel per block, else the eager tournament. The sum is taken from the blocks
-    (one add pass) rather than from the factors: for a conv layer ``total()`` costs as many
-    flops as materialising, and the blocks are materialised anyway."""
-    n = pg.n
-    rows, cols = pg.matrix_shape()
-    step = max(1, budget // max(n * cols * pg.param.element_size(), 1))
-    src = pg.dense if pg.dense is not None else pg.factors[0].right if pg.factors else pg.param
-    sums = src.new_empty(rows * cols)
-    corr, ws = torch.empty_like(sums), {}
-    buf = src.new_empty(n * min(step, rows) * cols)  # reused by every block
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        block = pg.rows_into(r0, r1, buf)  # (N, (r1 - r0) cols)
-        sums[r0 * cols:r1 * cols] = row_sum(block)
-        if kernel.usable(block):
-            corr[r0 * cols:r1 * cols] = kernel.column_corrections(block, c)
-        else:
-            corr[r0 * cols:r1 * cols] = extremes_correction(block, c, ws)
-    return sums, corr

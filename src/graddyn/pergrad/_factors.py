@@ -111,9 +111,15 @@ class Outer:
                 or dst.dtype != self.right.dtype or dst.numel() != self.p * self.right.shape[3]):
             return False
         n, _, t, q = self.right.shape
+        left, right = self.left, self.right
+        if scale != 1.0:  # on the smaller factor, as ``total``: the same rounding either way
+            if q <= self.p:
+                right = right * scale
+            else:
+                left = left * scale
         d2 = dst.view(self.p, q)
-        torch.addmm(d2, self.left.reshape(n * t, self.p).T, self.right.reshape(n * t, q),
-                    beta=1.0 if accumulate else 0.0, alpha=scale, out=d2)
+        torch.addmm(d2, left.reshape(n * t, self.p).T, right.reshape(n * t, q),
+                    beta=1.0 if accumulate else 0.0, out=d2)
         return True
 
 

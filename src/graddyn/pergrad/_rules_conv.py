@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 from torch import Tensor, nn
 
-from .._im2col import patches
 from ._factors import Outer
+from ._im2col import patches
 from ._rules import RuleCall, Use, register_rule
 
 

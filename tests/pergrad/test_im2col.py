@@ -1,4 +1,4 @@
-"""``graddyn._im2col.patches`` is ``F.unfold``'s (N, Cin k, L) layout for every padding,
+"""``graddyn.pergrad._im2col.patches`` is ``F.unfold``'s (N, Cin k, L) layout for every padding,
 stride and dilation option (Conv1d checked as a (1, k) Conv2d)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graddyn._im2col import pad_input, patches
+from graddyn.pergrad._im2col import pad_input, patches
 
 
 @pytest.mark.parametrize("kw", [
