@@ -31,7 +31,7 @@ def ce(out, y):
 def local_pgs(model, x, y, loss_fn=ce, **kw):
     with graddyn.capture(model, **kw) as cap:
         losses = loss_fn(model(x), y)
-    return list(cap.backward(losses)._params.values())
+    return list(cap.backward(losses).per_param().values())
 
 
 def simulate(model, shares, loss_fn=ce, **kw):

@@ -4,9 +4,10 @@ Under ``DistributedDataParallel`` each rank runs the model on its own share of t
 batch. With ``capture(model, process_group=pg)`` every rank's :class:`BatchGrads` describes
 the global batch: after the local backward, each rank all-gathers, per parameter, what its
 ``ParamGrads`` hold and concatenates it along the examples in rank order. Every query
-(``norms``, ``gram``, ``cross_gram``, ``sum``, ``materialize``, ``winsorized_mean``) and every
-instrument is then over the global batch, and identical on every rank (the same numbers,
-combined by the same code). Nothing is averaged or approximated.
+(``norms``, ``gram``, ``cross_gram``, ``sum``, ``write_grad``, ``materialize``, ``per_param``
+and so the winsorized mean) and every instrument is then over the global batch, and
+identical on every rank (the same numbers, combined by the same code). Nothing is averaged
+or approximated.
 
 What is sent, per parameter, is whichever is fewer bytes over all ranks:
 
