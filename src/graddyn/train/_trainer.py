@@ -227,16 +227,17 @@ class Trainer:
         if due:  # measured on this batch, at these weights: the step's own backward
             losses, grads, outputs = measured_backward(self.model, self.loss_fn, st.batch.x,
                                                        st.batch.y, write=False, cap=self._cap)
-            losses, outputs = self._gather(losses), self._gather(outputs)  # the global batch
+            losses, outputs, targets, rows = (self._gather(t) for t in (  # the global batch
+                losses, outputs, st.batch.y, st.batch.indices))
             self._check_finite(st, losses)
             # measured before p.grad is written: the Gram's factors are still in cache
             # (~0.2 ms a step on the paper's MLP); the values do not depend on the order
             self._batch_results = measure(due, [Probe(
-                grads=grads, losses=losses, outputs=outputs, targets=self.y[idx], indices=idx,
-                groups=None if self.groups is None else self.groups[idx], step=st.step,
+                grads=grads, losses=losses, outputs=outputs, targets=targets, indices=rows,
+                groups=None if self.groups is None else self.groups[rows], step=st.step,
                 model=self.model)])
             # over last step's p.grad buffers in place (no fresh pages to fault in)
-            grads.write_grad(scale=1.0 / len(idx), overwrite=True)
+            grads.write_grad(scale=1.0 / len(rows), overwrite=True)
         else:
             self.optimizer.zero_grad(set_to_none=True)
             losses = self._gather(self.rule(self.model, self.loss_fn, st.batch))  # (B,)
