@@ -7,13 +7,13 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv demo test test-slow fault lint bench peers clean reproduce
+.PHONY: venv demo test test-gpu test-slow fault lint bench peers clean reproduce
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,cluster]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,6 +30,12 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The engine, instrument, curvature and influence tests with CUDA as the default device (needs a
+# CUDA build of torch; every test is skipped, not failed, where no CUDA device is seen).
+test-gpu: $(STAMP)
+	GRADDYN_TEST_DEVICE=cuda $(BIN)/python -m pytest -q tests/pergrad tests/zoo \
+		tests/instruments tests/curvature tests/influence
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

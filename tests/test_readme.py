@@ -69,3 +69,32 @@ def test_readme_lightning_and_hugging_face_snippets_run(capsys, tmp_path, monkey
     assert any(line.startswith("20 ") for line in printed)  # alpha at each of the 20 steps
     float(printed[-1])  # the Hugging Face block prints eta at step 10
     assert list((tmp_path / "logs").rglob("metrics.csv"))
+
+
+def test_readme_ddp_snippet_runs_in_a_group_of_one(tmp_path):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    import graddyn
+    from graddyn.instruments import Probe
+
+    text = README.read_text()
+    section = text[text.index("## Beyond one process"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "s"), 1), rank=0,
+                            world_size=1)
+    try:
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+        x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+        namespace = {"DistributedDataParallel": DistributedDataParallel, "graddyn": graddyn,
+                     "F": F, "Probe": Probe, "model": model, "x": x, "y": y,
+                     "global_batch": 5}
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        dist.destroy_process_group()
+    probe = namespace["probe"]
+    assert probe.grads.gram().shape == (5, 5) and torch.equal(probe.targets, y)
+    want = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for p, w in zip(model.parameters(), want):  # write_grad(): the mean gradient
+        torch.testing.assert_close(p.grad, w)

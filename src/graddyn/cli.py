@@ -126,9 +126,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     res = run_sweep(args.experiment, args.grid, args.set, root=args.root, workers=args.workers,
                     name=args.name, log=_log_targets(args),
-                    progress=None if args.quiet else progress)
+                    progress=None if args.quiet else progress, backend=args.backend,
+                    address=args.address, retries=args.retries)
     print(f"sweep {res.name}: {len(res.runs)} runs, {len(res.skipped)} already finished, "
-          f"{len(res.failed)} failed ({res.dir})")
+          f"{len(res.failed)} failed, {len(res.retried)} retried ({res.dir})")
     for name, err in res.failed.items():
         print(f"  failed {name}: {err}", file=sys.stderr)
     return 1 if res.failed else 0
@@ -221,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
                     help="grid axes, e.g. --grid noise=0,0.5 c=0,1 (tuple fields: ';' between)")
     sw.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    sw.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local worker processes (default) or Ray tasks")
+    sw.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    sw.add_argument("--retries", type=int, default=1,
+                    help="times a point whose worker died is resumed (default 1)")
     sw.set_defaults(func=cmd_sweep)
     sp = add("report", "figures + one self-contained report.html for a run or sweep")
     sp.add_argument("target", metavar="RUN_OR_SWEEP")

@@ -107,6 +107,14 @@ def test_run_experiment_lifecycle(tmp_path):
         run_experiment("smoke", ["steps=7"], root=tmp_path, run_name=run.name, resume=True)
 
 
+def test_a_run_saved_before_a_field_existed_resumes_with_its_default(tmp_path):
+    run = run_experiment("smoke", ["steps=3"], root=tmp_path, progress=False)
+    old = {k: v for k, v in run.config.items() if k != "optimizer"}  # as if made before it
+    run.set_meta(config=old, status="interrupted")
+    again = run_experiment("smoke", ["steps=3"], root=tmp_path, resume=True, progress=False)
+    assert again.status == "finished"
+
+
 def test_failing_run_is_marked_failed(tmp_path, failing):
     with pytest.raises(RuntimeError, match="boom"):
         run_experiment("test-failing", root=tmp_path)

@@ -36,6 +36,9 @@ def test_bad_grid_value_is_caught_before_anything_runs(tmp_path):
     assert RunStore(tmp_path).names() == []
     with pytest.raises(ValueError, match="workers must be >= 1"):
         run_sweep("smoke", ["noise=0"], root=tmp_path, workers=0)
+    for bad in ({"backend": "slurm"}, {"retries": -1}, {"address": "10.0.0.1:6379"}):
+        with pytest.raises(ValueError, match="backend must be one of local, ray"):
+            run_sweep("smoke", ["noise=0"], root=tmp_path, **bad)
 
 
 def test_sweep_in_parallel_skips_finished_and_reports(tmp_path):

@@ -1,5 +1,7 @@
-"""SIGKILL one worker of a running sweep: the other points finish, the killed point's run is
-marked interrupted and named in the manifest, and re-running the sweep resumes it exactly."""
+"""SIGKILL one worker of a running sweep without retries (``--retries 0``): the other points
+finish, the killed point's run is marked interrupted and named in the manifest, and re-running
+the sweep resumes it exactly. (With retries, the default, the sweep resumes it itself:
+``tests/experiments/test_framework_sweep_retry.py``.)"""
 
 import json
 import os
@@ -28,7 +30,7 @@ def _holder_pid(lock):
 def test_killed_worker_takes_down_only_its_point(tmp_path):
     root, log = tmp_path / "runs", tmp_path / "stderr.txt"
     argv = graddyn("sweep", "smoke", "--root", str(root), "--grid", *GRID, "--set", *BASE,
-                   "--workers", "2", "--name", "sk")
+                   "--workers", "2", "--name", "sk", "--retries", "0")
     proc = start(argv, log)
     first = default_run_name("smoke", parse_overrides(SmokeConfig, [*BASE, "noise=0"]))
     victim_ckpt = root / first / "checkpoints" / "step_00000010.pt"

@@ -65,7 +65,8 @@ def test_low_precision_within_tolerance(name, how):
     if how != "autocast_bf16":
         low = low.to(torch.bfloat16 if how == "bf16_weights" else torch.float16)
     with graddyn.capture(low) as cap:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast_bf16"):
+        with torch.autocast(torch.get_default_device().type, dtype=torch.bfloat16,
+                            enabled=how == "autocast_bf16"):
             losses = losses_of(low)
     grads = cap.backward(losses)
     got = grads.gram().double()

@@ -68,7 +68,7 @@ def exact_trace(op: HessianOperator) -> TraceEstimate:
                         f"data), got {type(op).__name__}; for a matrix or another operator use "
                         "hutchinson_trace")
     total = op._accumulate(lambda _b, x, y, _V: _batch_trace(op, x, y),
-                           torch.zeros(0, dtype=op.dtype))
+                           torch.zeros(0, dtype=op.dtype, device=op.device))
     return TraceEstimate(float(total), 0.0, 0, True)
 
 

@@ -10,6 +10,8 @@ NCCL on GPU):
   every ``period`` and global leader pull (``global_pull``) every ``global_period`` steps.
 - :class:`EASGD` (Zhang et al., NeurIPS 2015), synchronous, elastic strength ``elastic``.
 - :class:`DataParallelSGD`: all-reduce mean of gradients every step (the baseline).
+- :func:`data_parallel`: a model in ``DistributedDataParallel`` for the ``Trainer`` (its batch
+  instruments then measure the global batch); experiments' ``--set ddp=true``.
 
 Start workers with ``torchrun`` (call :func:`init_from_env`) or, from Python,
 :func:`launch(fn, world_size) <launch>`. A dead or hung worker makes the survivors raise
@@ -31,6 +33,7 @@ from graddyn.distributed._algorithms import (
     WorkerAlgorithm,
 )
 from graddyn.distributed._comm import Comm, CommStats
+from graddyn.distributed._ddp import data_parallel
 from graddyn.distributed._faults import WorkerFailureError
 from graddyn.distributed._launch import (
     DistContext,
@@ -48,6 +51,7 @@ from graddyn.distributed._trainer import build_algorithm, shard_indices, train_w
 __all__ = [
     "ALGORITHMS", "Comm", "CommStats", "DataParallelSGD", "DistContext", "EASGD", "LSGD",
     "LaunchError", "LossWindow", "MultiLeaderLSGD", "WorkerAlgorithm", "WorkerFailureError",
-    "build_algorithm", "current", "in_torchrun", "init_from_env", "launch", "make_groups",
+    "build_algorithm", "current", "data_parallel", "in_torchrun", "init_from_env", "launch",
+    "make_groups",
     "select_leader", "shard_indices", "shutdown", "train_worker",
 ]

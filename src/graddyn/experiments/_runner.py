@@ -92,7 +92,8 @@ def _saved_config(run: Run, experiment: str, config: Any, overrides: Sequence[st
         )
     saved = config_from_dict(type(config), run.config)
     wanted = config if explicit else parse_overrides(type(config), overrides, base=saved)
-    diff = sorted(k for k, v in config_to_dict(wanted).items() if run.config.get(k) != v)
+    have = config_to_dict(saved)  # a field added since the run was made reads its default
+    diff = sorted(k for k, v in config_to_dict(wanted).items() if have.get(k) != v)
     if diff:
         raise ConfigError(
             f"run {run.name!r} was started with a different config (differs in: "
@@ -302,6 +303,7 @@ def show(target: str, *, root: str | Path = "runs") -> str:
         f"seed       {run.seed}   git {run.get_meta('git_sha')}",
         f"created    {run.get_meta('created')}   finished {run.get_meta('finished')}",
         f"config     {json.dumps(run.config)}",
+        *(f"lost       {why}" for why in run.get_meta("lost_workers") or ()),  # sweeps
         "",
     ]
     latest = run.latest()

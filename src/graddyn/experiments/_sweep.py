@@ -1,9 +1,13 @@
-"""Sweeps: a grid of configs of one experiment, run in parallel worker processes.
+"""Sweeps: a grid of configs of one experiment, run in parallel worker processes or as Ray
+tasks (``backend="ray"``, ``_sweep_ray.py``).
 
 ``--grid noise=0,0.25,0.5 c=0,1`` is the 6-point product. Each point becomes a run named
 deterministically from its config, so re-running a sweep skips finished runs and resumes
-interrupted ones. The sweep folder ``runs/<sweep>/sweep.json`` lists the grid, the runs, each
-run's status and each failure's error (a killed worker included).
+interrupted ones. A point whose worker dies (SIGKILL, out of memory, a lost Ray node) is
+retried up to ``retries`` times, resuming from its last checkpoint, while the others go on.
+The sweep folder ``runs/<sweep>/sweep.json`` lists the grid, the runs, each run's status, each
+failure's error and each retry's cause (``retried``); a run records its lost workers in its
+meta (``lost_workers``, shown by ``graddyn show``).
 For tuple-valued fields, separate grid values with ``;`` (``widths=8,8;16,16``).
 """
 
@@ -17,11 +21,12 @@ import shlex
 import signal
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Any, Protocol, get_origin
 
 from graddyn.distributed._launch import _mp_context
 from graddyn.experiments._config import (
@@ -44,13 +49,18 @@ from graddyn.train._store import check_run_name, git_sha
 
 @dataclass
 class SweepResult:
-    """What a sweep did: every run name, which were already finished, which failed (why)."""
+    """What a sweep did: every run name, which were already finished, which failed (why),
+    which were retried after their worker died (why, once per retry)."""
 
     name: str
     dir: Path
     runs: list[str]
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    retried: dict[str, list[str]] = field(default_factory=dict)
+
+
+BACKENDS = ("local", "ray")
 
 
 def parse_grid(config_cls: type, grid: Sequence[str]) -> dict[str, list[str]]:
@@ -90,13 +100,16 @@ class SweepInterrupted(KeyboardInterrupt):
 
 
 def sweep_command(experiment: str, grid: Sequence[str], base: Sequence[str], root: str | Path,
-                  workers: int, name: str) -> str:
+                  workers: int, name: str, backend: str = "local",
+                  address: str | None = None) -> str:
     """The ``graddyn sweep`` command that (re)runs this sweep: finished points are skipped,
     interrupted ones resume."""
     parts = ["graddyn", "sweep", experiment, "--grid", *grid]
     parts += ["--set", *base] if base else []
     parts += ["--workers", str(workers), "--name", name]
     parts += ["--root", str(root)] if Path(root) != Path("runs") else []
+    parts += ["--backend", backend] if backend != "local" else []
+    parts += ["--address", address] if address else []
     return shlex.join(parts)
 
 
@@ -140,17 +153,24 @@ def run_sweep(
     root: str | Path = "runs",
     workers: int = 1,
     name: str | None = None,
+    backend: str = "local",
+    address: str | None = None,
+    retries: int = 1,
     log: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> SweepResult:
-    """Run every grid point of ``experiment`` (``workers`` processes; 1 = in this process).
+    """Run every grid point of ``experiment``: ``backend="local"``, ``workers`` processes
+    (1 = in this process); ``"ray"``, ``workers`` Ray tasks at a time on the cluster at
+    ``address`` (default: a local one started for the sweep and stopped after it).
 
     All points are validated before anything starts. Finished runs are skipped; a failing
-    point, or a worker process that is killed, is recorded (in its run and the manifest's
-    ``status`` / ``errors``, rewritten as each point ends) without stopping the others.
-    Ctrl-C raises ``SweepInterrupted`` with the command that resumes the sweep. ``log``:
-    also copy each run's metrics (``Run.log_to``); ``progress(line)``: called with one line
-    as each point ends (its status and time), e.g. ``print``."""
+    point is recorded (in its run and the manifest's ``status`` / ``errors``, rewritten as
+    each point ends) without stopping the others. A point whose worker dies is retried up to
+    ``retries`` times from its last checkpoint (``retried`` in the manifest and the result),
+    then recorded like a failure, its run ``interrupted``. Ctrl-C raises ``SweepInterrupted``
+    with the command that resumes the sweep. ``log``: also copy each run's metrics
+    (``Run.log_to``); ``progress(line)``: called with one line as each point ends (its status
+    and time), e.g. ``print``."""
     exp = get_experiment(experiment)
     axes = parse_grid(exp.Config, grid)
     both = sorted(set(axes) & {split_override(b)[0] for b in base})
@@ -161,13 +181,17 @@ def run_sweep(
     names = [default_run_name(experiment, parse_overrides(exp.Config, p)) for p in points]
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if backend not in BACKENDS or retries < 0 or (address and backend != "ray"):
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r}), "
+                         f"retries >= 0 (got {retries}), and an address is for backend "
+                         f"'ray' (got {address!r})")
     sname = check_run_name(name or sweep_name(experiment, axes, base))
     sdir = Path(root) / sname
     sdir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "experiment": experiment, "grid": axes, "base": list(base), "runs": names,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": git_sha(), "status": {}, "errors": {},
+        "git_sha": git_sha(), "backend": backend, "status": {}, "errors": {}, "retried": {},
     }
     store = RunStore(root)
     result = SweepResult(sname, sdir, names)
@@ -181,6 +205,7 @@ def run_sweep(
     def record() -> None:
         manifest["status"] = {rn: status(rn) for rn in names}
         manifest["errors"] = dict(result.failed)
+        manifest["retried"] = {rn: list(why) for rn, why in result.retried.items()}
         _write_manifest(sdir / SWEEP_MANIFEST, manifest)
 
     record()
@@ -206,78 +231,135 @@ def run_sweep(
             progress(f"[{min(ended, len(points))}/{len(points)}] {run_name}: {state} "
                      f"({time.monotonic() - started:.0f} s into the sweep)")
 
+    def retry(run_name: str, why: str) -> None:
+        result.retried.setdefault(run_name, []).append(why)
+        record()
+
     try:
-        if workers == 1 or len(todo) <= 1:
+        if backend == "ray":
+            from graddyn.experiments._sweep_ray import RayTasks
+
+            with RayTasks(experiment, str(Path(root).resolve()), address, workers,
+                          log) as pool:
+                drive(pool, todo, workers, retries, done, retry)
+        elif workers == 1 or len(todo) <= 1:
             for pt, rn in todo:
                 done(rn, _run_point(experiment, pt, str(root), rn, log))
         else:
-            _in_processes(experiment, todo, str(root), workers, done, log)
+            drive(Processes(experiment, str(root), log), todo, workers, retries, done, retry)
     except KeyboardInterrupt:
         record()
-        cmd = sweep_command(experiment, grid, base, root, workers, sname)
+        cmd = sweep_command(experiment, grid, base, root, workers, sname, backend, address)
         raise SweepInterrupted(f"sweep {sname} interrupted; finished runs are kept; resume "
                                f"the rest with: {cmd}") from None
     return result
 
 
-def _in_processes(experiment: str, todo: list[tuple[list[str], str]], root: str, workers: int,
-                  done: Callable[[str, str | None], None], log: Sequence[str] = ()) -> None:
-    """One fresh worker process per point, at most ``workers`` at a time, so a worker that is
-    killed (SIGKILL, out of memory) takes only its own point down: that run is marked
-    ``interrupted`` and the others go on."""
-    from graddyn.experiments import index
+Outcome = tuple[Hashable, "str | None", bool]
+"""(handle, the point's error text or None, whether its worker died before reporting)."""
 
-    # workers fork from a server that has torch and this experiment's module imported
-    module = index().get(experiment, ("",))[0]
-    ctx = _mp_context(("graddyn.experiments",
-                       *([f"graddyn.experiments.{module}"] if module else [])))
-    pending = list(todo)
-    active: dict[Any, tuple[str, Any, Any]] = {}  # sentinel -> (run name, process, pipe)
+
+class Pool(Protocol):
+    """Where points run: ``submit`` starts one, ``wait`` blocks until at least one of
+    ``handles`` ended, ``stop`` ends them all (Ctrl-C) and says how each ended."""
+
+    def submit(self, point: list[str], run_name: str) -> Hashable: ...
+
+    def wait(self, handles: list[Hashable]) -> list[Outcome]: ...
+
+    def stop(self, handles: list[Hashable]) -> list[Outcome]: ...
+
+
+def drive(pool: Pool, todo: list[tuple[list[str], str]], workers: int, retries: int,
+          done: Callable[[str, str | None], None], retry: Callable[[str, str], None]) -> None:
+    """At most ``workers`` points at a time; a point whose worker died is queued again (up to
+    ``retries`` times): its run resumes from its last checkpoint."""
+    pending = deque(todo)
+    lost: Counter[str] = Counter()
+    active: dict[Hashable, tuple[list[str], str]] = {}
     try:
         while pending or active:
             while pending and len(active) < workers:
-                pt, rn = pending.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_point_process,
-                                   args=(experiment, pt, root, rn, list(log), send),
-                                   name=f"graddyn-sweep-{rn}")
-                proc.start()
-                send.close()
-                active[proc.sentinel] = (rn, proc, recv)
-            for sentinel in wait(list(active)):
-                rn, proc, recv = active.pop(sentinel)
-                done(rn, _outcome(rn, proc, recv, root))
+                pt, rn = pending.popleft()
+                active[pool.submit(pt, rn)] = (pt, rn)
+            for handle, error, died in pool.wait(list(active)):
+                pt, rn = active.pop(handle)
+                if died and lost[rn] < retries:
+                    lost[rn] += 1
+                    retry(rn, f"{error}; resumed from its last checkpoint")
+                    pending.append((pt, rn))
+                else:
+                    done(rn, f"{error}; re-run the sweep to resume it" if died else error)
     except KeyboardInterrupt:
-        for _, proc, _ in active.values():
-            proc.terminate()  # SIGTERM: each worker marks its run interrupted and exits
-        for rn, proc, recv in active.values():
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-            done(rn, _outcome(rn, proc, recv, root))
+        for handle, error, _ in pool.stop(list(active)):
+            done(active[handle][1], error)
         raise
 
 
-def _outcome(run_name: str, proc: Any, recv: Any, root: str) -> str | None:
-    """The point's error text; a worker that died without reporting is named, and its run
-    (if it was created) marked ``interrupted``."""
+class Processes:
+    """One fresh worker process per point, so a worker that is killed (SIGKILL, out of
+    memory) takes only its own point down."""
+
+    def __init__(self, experiment: str, root: str, log: Sequence[str] = ()) -> None:
+        from graddyn.experiments import index
+
+        self.experiment, self.root, self.log = experiment, root, list(log)
+        # workers fork from a server that has torch and this experiment's module imported
+        module = index().get(experiment, ("",))[0]
+        self.ctx = _mp_context(("graddyn.experiments",
+                                *([f"graddyn.experiments.{module}"] if module else [])))
+        self.procs: dict[Any, tuple[str, Any, Any]] = {}  # sentinel -> (run name, process, pipe)
+
+    def submit(self, point: list[str], run_name: str) -> Hashable:
+        recv, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_point_process, name=f"graddyn-sweep-{run_name}",
+                                args=(self.experiment, point, self.root, run_name, self.log,
+                                      send))
+        proc.start()
+        send.close()
+        self.procs[proc.sentinel] = (run_name, proc, recv)
+        return proc.sentinel
+
+    def wait(self, handles: list[Hashable]) -> list[Outcome]:
+        return [(s, *_outcome(*self.procs.pop(s), self.root)) for s in wait(handles)]
+
+    def stop(self, handles: list[Hashable]) -> list[Outcome]:
+        for s in handles:
+            self.procs[s][1].terminate()  # SIGTERM: the worker marks its run interrupted
+        for s in handles:
+            proc = self.procs[s][1]
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+        return [(s, *_outcome(*self.procs.pop(s), self.root)) for s in handles]
+
+
+def _outcome(run_name: str, proc: Any, recv: Any, root: str) -> tuple[str | None, bool]:
+    """(the point's error text, whether its worker died before reporting)."""
     proc.join()
     try:
         if recv.poll():
-            return recv.recv()
+            return recv.recv(), False
     except EOFError:  # the pipe reads as ready when the worker died: nothing was sent
         pass
     code = proc.exitcode
     how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
-    reason = f"worker process {proc.pid} {how} before it reported"
+    return lost_worker(run_name, f"worker process {proc.pid} {how} before it reported",
+                       root), True
+
+
+def lost_worker(run_name: str, reason: str, root: str) -> str:
+    """A point's worker died (``reason``): its run, if it was created, is marked
+    ``interrupted`` and the death added to its ``lost_workers``; returns ``reason``."""
     store = RunStore(root)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its stale lock is this very worker's
             run = store.open(run_name, lock=True)
     except (RunNotFoundError, RunLockedError):  # died before creating it / resumed elsewhere
-        return f"{reason}; re-run the sweep to run it"
+        return reason
     with run:
         if run.status not in ("finished", "failed"):
             run.interrupt(reason)
-    return f"{reason}; the run is marked interrupted: re-run the sweep to resume it"
+            run.set_meta(lost_workers=[*(run.get_meta("lost_workers") or []), reason])
+    return reason

@@ -31,6 +31,11 @@ Run it::
     graddyn run coherent-gradients.label-noise                       # 100 epochs, 3 seeds
     graddyn run coherent-gradients.label-noise --set dataset=mnist1d # MNIST-1D
     graddyn run coherent-gradients.label-noise --set dataset=mnist   # paper's length, local MNIST
+    torchrun --nproc-per-node 2 -m graddyn run coherent-gradients.label-noise --set ddp=true
+
+With ``ddp=true`` (under ``torchrun``) each rank trains on its share of every minibatch in
+``DistributedDataParallel`` and the per-minibatch instruments measure the whole minibatch
+(``graddyn.capture(process_group=...)``): the same numbers as one process, up to rounding.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ class LabelNoiseConfig:
     null_worlds: int = 3
     coherence_points: int = 30  # log-spaced minibatch coherence measurements per level
     seeds: tuple[int, ...] = (0, 1, 2)  # subset, corruption, init and order of each replicate
+    ddp: bool = False  # under torchrun: DistributedDataParallel, batch_size split among ranks
 
     def __post_init__(self) -> None:
         if not self.noise_levels or any(not 0.0 <= f <= 1.0 for f in self.noise_levels):
@@ -197,10 +203,17 @@ class LabelNoise(Experiment):
 
     def run(self, config: LabelNoiseConfig, run: Run) -> None:
         splits = load_study_data(config.dataset, config.data_root, config.preprocess)
-        run.set_meta(total_steps=config.total_steps)
-        for seed in config.seeds:
-            for fraction in config.noise_levels:
-                self.train_level(config, run, splits, fraction, seed)
+        if not run.readonly:  # under torchrun only rank 0 writes
+            run.set_meta(total_steps=config.total_steps)
+        try:
+            for seed in config.seeds:
+                for fraction in config.noise_levels:
+                    self.train_level(config, run, splits, fraction, seed)
+        finally:
+            if config.ddp:
+                from graddyn.distributed import shutdown
+
+                shutdown()
 
     def train_level(self, cfg: LabelNoiseConfig, run: Run | None, splits: Any,
                     fraction: float, seed: int) -> Trainer:
@@ -209,12 +222,17 @@ class LabelNoise(Experiment):
 
         tag = level_tag(fraction, seed)
         data, mask = noisy_data(cfg, splits, fraction, seed)
-        if run is not None:
+        writes = run is not None and not run.readonly
+        if writes:
             run.log_array(f"{tag}/corrupt_mask", mask)
             run.log_array(f"{tag}/train_labels", data.train_y)
         torch.manual_seed(seed)  # the same initial weights at every noise level
         model = build_model("mlp", splits.input_shape, splits.num_classes, width=cfg.width,
                             depth=1, init=cfg.init).to(data.train_x.dtype)
+        if cfg.ddp:
+            from graddyn.distributed import data_parallel
+
+            model, data = data_parallel(model, data)
         sched = _schedules(cfg)
 
         trainer = Trainer(
@@ -228,7 +246,7 @@ class LabelNoise(Experiment):
                 (BatchCoherence(), sched["coherence"])],
             eval_schedule=None, checkpoint_schedule=sched["checkpoint"])
         trainer.fit(cfg.total_steps)
-        if run is not None:  # a finished level needs only its last checkpoint (6 MB each)
+        if writes:  # a finished level needs only its last checkpoint (6 MB each)
             for _, path in run.checkpoints(tag)[:-1]:
                 path.unlink()
         return trainer

@@ -90,7 +90,7 @@ def grid_frequencies(x: torch.Tensor) -> torch.Tensor:
     x = _as_vector(x, "x")
     n = len(x)
     h = (x[-1] - x[0]) / (n - 1)
-    return 2 * torch.pi * torch.arange(n // 2 + 1, dtype=x.dtype) / (n * h)
+    return 2 * torch.pi * torch.arange(n // 2 + 1, dtype=x.dtype, device=x.device) / (n * h)
 
 
 def nudft(
@@ -124,7 +124,7 @@ def spectrum_1d(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
         return grid_frequencies(x), dft_1d(y).to(torch.complex128)
     n = len(x)
     h = (x[-1] - x[0]) / (n - 1)
-    omegas = 2 * torch.pi * torch.arange(n // 2 + 1, dtype=x.dtype) / (n * h)
+    omegas = 2 * torch.pi * torch.arange(n // 2 + 1, dtype=x.dtype, device=x.device) / (n * h)
     return omegas, nudft(x, y, omegas, origin=float(x[0]))
 
 

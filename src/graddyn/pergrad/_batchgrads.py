@@ -41,6 +41,7 @@ class BatchGrads:
         self._gram_total: Tensor | None = None
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised per-example gradients, kept
+        self.exchange = None  # capture(process_group=...): what gathering the ranks' cost
 
     @property
     def names(self) -> list[str]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ._batchgrads import BatchGrads
+from ._distributed import check_group, gather_params, gather_rows, unwrap
 from ._errors import (
     CaptureError,
     ExactPathWarning,
@@ -68,13 +69,16 @@ class Capture:
 
     def __init__(self, model: nn.Module, params: object = None, mode: str = "loss",
                  strategy: str | Mapping[str, str] = "auto", fallback: bool = True,
-                 check: bool = True, batchnorm: str = "error") -> None:
+                 check: bool = True, batchnorm: str = "error",
+                 process_group: object = None) -> None:
+        if process_group is not None:
+            check_group(process_group)
         if mode not in ("loss", "output"):
             raise ValueError(f"mode must be 'loss' or 'output', got {mode!r}.")
         if batchnorm not in BATCHNORM_MODES:
             raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}.")
-        self.model, self.mode, self.fallback, self.check = model, mode, fallback, check
-        self.batchnorm = batchnorm
+        self.model, self.mode, self.fallback, self.check = unwrap(model), mode, fallback, check
+        self.batchnorm, self.process_group = batchnorm, process_group
         self._params_arg, self._strategy_arg = params, strategy
         self._layout()
         self._calls: list[Call] = []
@@ -250,8 +254,20 @@ class Capture:
         else:
             self._calls = []
             self._state = "done"
+        if self.process_group is not None:  # the global batch, in rank order (_distributed)
+            params, info = gather_params([pgs[i] for i in self._names], k, self.process_group)
+            n = params[0].n // k
+            out = BatchGrads(params, (n,) if self.mode == "loss" else (n, k))
+            out.exchange = info
+            return out
         shape = (b,) if self.mode == "loss" else (b, k)
         return BatchGrads([pgs[i] for i in self._names], shape)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """With a ``process_group``: every rank's ``t`` (n_r, ...) concatenated in rank order,
+        e.g. the losses or targets of the global batch to go with its ``BatchGrads``;
+        without one, ``t`` itself."""
+        return t if self.process_group is None else gather_rows(t, self.process_group)
 
     def _check_ready(self, losses: Tensor, scale: float) -> None:
         if self._state == "done":
@@ -384,7 +400,8 @@ class Capture:
                 g = got.get(e)
                 edges.append(e)
                 seeds.append(torch.zeros(tuple(e[0]._input_metadata[e[1]].shape),
-                                         dtype=losses.dtype) if g is None else g)
+                                         dtype=losses.dtype, device=losses.device)
+                             if g is None else g)
         stop = {ekey(calls[i].edges[0]): ("call", i) for i in bk.stops}
         shapes = {**{pid: tuple(self._by_id[pid].shape) for pid in bk.targets},
                   **{e: tuple(calls[i].outputs[0].shape) for e, (_, i) in stop.items()}}
@@ -437,7 +454,8 @@ def _repeat(t: object, k: int, b: int) -> object:
 
 def capture(model: nn.Module, params: object = None, mode: str = "loss",
             strategy: str | Mapping[str, str] = "auto", fallback: bool = True,
-            check: bool = True, batchnorm: str = "error") -> Capture:
+            check: bool = True, batchnorm: str = "error",
+            process_group: object = None) -> Capture:
     """Capture a forward pass of ``model`` for per-example gradients.
 
     Args:
@@ -459,6 +477,13 @@ def capture(model: nn.Module, params: object = None, mode: str = "loss",
             coupled) or 'coupled': each row is the gradient of that example's loss through
             the batch statistics (the layers below a BatchNorm take the exact path). For
             per-example gradients that ignore the coupling use eval-mode statistics instead.
+        process_group: under data parallelism (``torchrun``, a model plain or wrapped in
+            ``DistributedDataParallel``), a ``torch.distributed`` group: every rank's
+            ``BatchGrads`` is then the global batch's (all ranks' examples, in rank order;
+            identical on every rank), by an all-gather of each layer's factors (or of the
+            per-example gradients where those are fewer bytes): see ``_distributed``. Every
+            rank must call ``backward``; ``cap.gather(t)`` gives the matching global losses,
+            targets, ... ``scale=1/B`` with B the global batch makes ``sum()`` the mean.
 
     Every per-example tensor's layout (which dimension holds the examples) is established by
     a probe on the first step of a model structure, never assumed: sequence-first layers,
@@ -473,5 +498,5 @@ def capture(model: nn.Module, params: object = None, mode: str = "loss",
     >>> cap.backward(losses).gram().shape
     torch.Size([5, 5])
     """
-    return Capture(model, params, mode, strategy, fallback, check, batchnorm)
+    return Capture(model, params, mode, strategy, fallback, check, batchnorm, process_group)
 

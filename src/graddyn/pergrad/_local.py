@@ -352,7 +352,8 @@ def local_grads(sources: list[Source], params: dict[int, Tensor],
         for part, (r0, r1) in zip(parts, _ranges(rows, step)):
             c = part.get(key)
             chunks.append(c if c is not None else torch.zeros(
-                r1 - r0, *shape, dtype=like.dtype if like is not None else torch.float32))
+                r1 - r0, *shape, dtype=like.dtype if like is not None else torch.float32,
+                device=like.device if like is not None else None))
         out[key] = torch.cat(chunks).detach()
     return out
 

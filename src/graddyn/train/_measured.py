@@ -38,7 +38,10 @@ def measured_backward(model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor,
     updated in place (see ``BatchGrads.write_grad``). ``write=False`` leaves ``p.grad``
     alone: call ``grads.write_grad(1 / B, overwrite)`` yourself, e.g. after measuring (the
     factors the Gram needs are then still in cache). ``cap``: an open ``capture(model)``
-    to reuse (it is rearmed; its hooks stay installed between steps), else a fresh one."""
+    to reuse (it is rearmed; its hooks stay installed between steps), else a fresh one.
+    With a ``cap`` of a ``process_group`` (DDP), the BatchGrads and ``p.grad`` (the mean
+    gradient) are the global batch's; the losses and outputs stay this rank's
+    (``cap.gather`` them)."""
     if cap is None:
         from graddyn.pergrad import capture
 
@@ -55,5 +58,5 @@ def _measured(cap: Capture, model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor
     check_losses(losses, len(y))
     grads = cap.backward(losses)  # covers every parameter with requires_grad (capture's default)
     if write:
-        grads.write_grad(scale=1.0 / len(y), overwrite=overwrite)
+        grads.write_grad(scale=1.0 / grads.batch_shape[0], overwrite=overwrite)  # global B
     return losses.detach(), grads, outputs.detach()

@@ -21,11 +21,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from graddyn.instruments._base import Instrument, Probe
 from graddyn.pergrad import Capture, capture
+from graddyn.pergrad._distributed import gather_rows, unwrap
 from graddyn.train._events import Batch, Event, Intervention, State
 from graddyn.train._measured import measured_backward
 from graddyn.train._probes import (
@@ -78,6 +81,15 @@ class Trainer:
     engine:      per-example gradients for probes; default ``graddyn.capture``.
     tag:         prefix of metric names and subfolder of checkpoints, so several trainers can
                  share one run (e.g. one per noise level).
+
+    Data parallel: pass the model wrapped in ``DistributedDataParallel`` (every rank runs the
+    same Trainer under ``torchrun``). ``batch_size`` is then the global batch: every rank draws
+    the same one and trains on its contiguous share (rank order), so the run follows
+    single-process training on the global batch. ``batch_instruments`` see the global batch
+    (``capture(process_group=...)`` gathers each layer's factors; ``p.grad`` is their global
+    mean, the same on every rank, so DDP's all-reduce is not needed on those steps and never
+    fires: the engine computes ``p.grad`` without ``.backward()``); other steps are plain DDP
+    steps. A ``run`` opened read-only (ranks other than 0) is read to resume, never written.
     """
 
     def __init__(
@@ -116,6 +128,14 @@ class Trainer:
             )
         if groups is not None and groups.shape != (n,):
             raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
+        self._group = model.process_group if isinstance(model, DDP) else None
+        world = 1 if self._group is None else dist.get_world_size(self._group)
+        if self._group is not None and (self.batch_size % world or not isinstance(
+                rule or MeanLoss(), MeanLoss)):
+            raise ValueError(
+                f"under DistributedDataParallel batch_size is the global batch, split among "
+                f"the {world} ranks, and the gradient is DDP's mean: batch_size={batch_size} "
+                f"must be a multiple of {world}, and rule must be the default MeanLoss")
         if batch_instruments and rule is not None and not isinstance(rule, MeanLoss):
             raise ValueError(
                 "batch_instruments reuse the plain mean-gradient backward, so they cannot be "
@@ -183,7 +203,7 @@ class Trainer:
         if not self.batch_probes.instruments:
             yield
             return
-        with capture(self.model) as cap:
+        with capture(self.model, process_group=self._group) as cap:
             self._cap = cap
             try:
                 yield
@@ -199,25 +219,28 @@ class Trainer:
         assert self._perm is not None
         idx = self._perm[self._pos * self.batch_size : (self._pos + 1) * self.batch_size]
         self._pos += 1
-        st.batch = Batch(self.x[idx], self.y[idx], idx)
+        mine = idx if self._group is None else idx.tensor_split(
+            dist.get_world_size(self._group))[dist.get_rank(self._group)]  # this rank's share
+        st.batch = Batch(self.x[mine], self.y[mine], mine)
         self._fire(Event.BATCH_START, st)
         due = self.batch_probes.due(st.step + 1, st.step + 1 == st.max_steps)
         if due:  # measured on this batch, at these weights: the step's own backward
             losses, grads, outputs = measured_backward(self.model, self.loss_fn, st.batch.x,
                                                        st.batch.y, write=False, cap=self._cap)
+            losses, outputs, targets, rows = (self._gather(t) for t in (  # the global batch
+                losses, outputs, st.batch.y, st.batch.indices))
             self._check_finite(st, losses)
-            idx = st.batch.indices
             # measured before p.grad is written: the Gram's factors are still in cache
             # (~0.2 ms a step on the paper's MLP); the values do not depend on the order
             self._batch_results = measure(due, [Probe(
-                grads=grads, losses=losses, outputs=outputs, targets=st.batch.y, indices=idx,
-                groups=None if self.groups is None else self.groups[idx], step=st.step,
+                grads=grads, losses=losses, outputs=outputs, targets=targets, indices=rows,
+                groups=None if self.groups is None else self.groups[rows], step=st.step,
                 model=self.model)])
             # over last step's p.grad buffers in place (no fresh pages to fault in)
-            grads.write_grad(scale=1.0 / len(st.batch.y), overwrite=True)
+            grads.write_grad(scale=1.0 / len(rows), overwrite=True)
         else:
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self.rule(self.model, self.loss_fn, st.batch)  # (B,)
+            losses = self._gather(self.rule(self.model, self.loss_fn, st.batch))  # (B,)
             self._check_finite(st, losses)
         st.losses = losses
         self._fire(Event.AFTER_BACKWARD, st)
@@ -228,6 +251,10 @@ class Trainer:
         self._fire(Event.AFTER_STEP, st)
         if self._pos == n_batches:
             self._pos = -1  # marks "epoch ends after this step's measurements"
+
+    def _gather(self, t: Tensor) -> Tensor:
+        """Under DDP every rank's rows of ``t``, in rank order: the global batch's."""
+        return t if self._group is None else gather_rows(t, self._group)
 
     def _check_finite(self, st: State, losses: Tensor) -> None:
         if not bool(torch.isfinite(losses).all()):
@@ -262,11 +289,12 @@ class Trainer:
             st.epoch += 1
             self._pos = 0
             self._epoch_gen_state = self._gen.get_state()
-        if self.run is not None and fires(self.checkpoint_schedule, st.step, last):
+        if (self.run is not None and not self.run.readonly
+                and fires(self.checkpoint_schedule, st.step, last)):
             self.run.save_checkpoint(st.step, self.checkpoint_state(st), tag=self.tag)
 
     def _log(self, step: int, metrics: dict[str, float], arrays: dict[str, Any]) -> None:
-        if self.run is None:
+        if self.run is None or self.run.readonly:
             self.history.extend((step, self.prefix + k, v) for k, v in metrics.items())
             return
         if metrics:
@@ -317,7 +345,7 @@ class Trainer:
         groups = self.optimizer.param_groups
         return {
             "step": st.step, "epoch": st.epoch, "pos": self._pos,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr": float(groups[0]["lr"]), "lrs": [float(g["lr"]) for g in groups],
             "rng": get_rng_state(), "data_rng": self._epoch_gen_state,
             "lr_scheduler": state_dict_of(self.lr_scheduler),
@@ -329,7 +357,7 @@ class Trainer:
 
     def load_checkpoint_state(self, st: State, ck: dict[str, Any]) -> None:
         """Inverse of ``checkpoint_state``."""
-        self.model.load_state_dict(ck["model"])
+        unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         load_state_dict_into(self.lr_scheduler, ck["lr_scheduler"])
         load_state_dict_into(self.rule, ck["rule"])
@@ -357,7 +385,8 @@ class Trainer:
                 f"{st.max_steps}; start a new run (--name) or raise the number of steps"
             )
         self.load_checkpoint_state(st, ck)
-        self.run.truncate_after(step, prefix=self.prefix)
+        if not self.run.readonly:
+            self.run.truncate_after(step, prefix=self.prefix)
         if step > 0:
             self._recreate_grad_buffers()
         return True
