@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from ._factors import chunks
-from ._paramgrads import FlatCache, ParamGrads, _flat, inner, materializes, self_grams
+from ._paramgrads import (
+    FlatCache,
+    ParamGrads,
+    _flat,
+    bookkeeps,
+    inner,
+    rows_in_workspace,
+    self_grams,
+)
 
 
 class BatchGrads:
@@ -34,13 +42,20 @@ class BatchGrads:
     (torch.Size([B]), torch.Size([B, B]), ['0.weight', '0.bias', ...])
     """
 
-    def __init__(self, params: list[ParamGrads], batch_shape: tuple[int, ...]) -> None:
+    def __init__(self, params: list[ParamGrads], batch_shape: tuple[int, ...],
+                 usage: dict | None = None) -> None:
         self._params = {pg.name: pg for pg in params}
+        # what this batch is asked for, shared with its capture: a loop asks the same
+        # every step, and book-keeping pays only when a Gram is wanted (see ``_books``)
+        self._usage = usage if usage is not None else {}
+        self._usage.setdefault("expect_gram", True)
+        self._usage["gram"] = False
         self.batch_shape = tuple(batch_shape)
         self._grams: dict[str, Tensor] | None = None  # name -> (N, N) flat, computed once
         self._gram_total: Tensor | None = None
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised per-example gradients, kept
+        self._book: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (its Gram (N, N), its sum)
         self.exchange = None  # capture(process_group=...): what gathering the ranks' cost
 
     @property
@@ -66,15 +81,38 @@ class BatchGrads:
             if self._grams is not None:
                 self._sq = {k: g.diagonal() for k, g in self._grams.items()}
             else:
-                self._sq = {k: inner(pg, pg, diag=True, cache_a=self._flat, cache_b=self._flat)
-                            for k, pg in self._params.items()}
+                self._sq = {k: self._booked(pg)[0].diagonal() if self._books(pg) else inner(
+                    pg, pg, diag=True, cache_a=self._flat, cache_b=self._flat)
+                    for k, pg in self._params.items()}
         return self._sq
 
     def _layer_grams(self) -> dict[str, Tensor]:
         """name -> (N, N) per-layer Gram, computed on first use and kept (read-only)."""
+        self._usage["gram"] = True
         if self._grams is None:
-            self._grams = self_grams(self._params, self._flat)
+            booked = {k: self._booked(pg)[0] for k, pg in self._params.items()
+                      if self._books(pg)}
+            rest = {k: pg for k, pg in self._params.items() if k not in booked}
+            grams = {**booked, **self_grams(rest, self._flat)}
+            self._grams = {k: grams[k] for k in self._params}
         return self._grams
+
+    def _books(self, pg: ParamGrads) -> bool:
+        """Book-keep ``pg`` (see ``bookkeeps``)? Only where a Gram is wanted: asked for
+        already, or by the previous batch of the same capture (a norms-only loop gets the
+        factors' weight-gradient product and the cheaper diagonal instead)."""
+        if pg.name in self._book:
+            return True
+        wanted = self._usage["gram"] or self._usage["expect_gram"]
+        return wanted and len(self.batch_shape) == 1 and bookkeeps(pg)
+
+    def _booked(self, pg: ParamGrads) -> tuple[Tensor, Tensor]:
+        """(Gram (N, N), sum (param.shape)) of a book-kept parameter, from ONE build of its
+        per-example gradients in the workspace (see ``bookkeeps``); computed once."""
+        if pg.name not in self._book:
+            rows = rows_in_workspace(pg)  # (N, P), valid until the next use of the workspace
+            self._book[pg.name] = (rows @ rows.T, rows.sum(0).reshape(pg.shape))
+        return self._book[pg.name]
 
     def gram(self, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
         """G[i, j] = <g_i, g_j> -> batch_shape x batch_shape, e.g. (B, B); (B, K, B, K) in
@@ -104,6 +142,7 @@ class BatchGrads:
                              f"{self.names} and {other.names}.")
         if other is self:
             return self.gram(per_layer)
+        self._usage["gram"] = True
         shapes = (self.batch_shape, other.batch_shape)
         if isinstance(other, BatchGrads):
             res = {k: inner(pg, other._params[k], cache_a=self._flat, cache_b=other._flat)
@@ -155,7 +194,7 @@ class BatchGrads:
                     p.grad = None  # as after zero_grad(set_to_none=True) + backward()
                 continue
             fresh = p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype
-            if fresh or materializes(pg, self._flat):
+            if fresh or self._books(pg):
                 total = self._total(pg, scale).to(p.dtype)
                 if fresh or overwrite:
                     p.grad = total
@@ -165,10 +204,11 @@ class BatchGrads:
                 pg.total_into(p.grad, scale, accumulate=not overwrite)
 
     def _total(self, pg: ParamGrads, scale: float) -> Tensor:
-        """scale * sum_n g_n; from the materialised rows where the Gram materialises them
-        anyway (kept for it: book-keeping), else from the factors."""
-        if materializes(pg, self._flat):
-            return (_flat(pg, self._flat).sum(0) * scale).reshape(pg.shape)
+        """scale * sum_n g_n; from the per-example rows where the Gram builds them anyway
+        (book-keeping, see ``_booked``), else from the factors."""
+        if self._books(pg):
+            total = self._booked(pg)[1]
+            return total * scale if scale != 1.0 else total.clone()
         return pg.total(scale)
 
     def materialize(self, chunk_size: int | None = None

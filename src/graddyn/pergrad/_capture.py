@@ -50,6 +50,8 @@ from ._walk import Walk, walk
 
 PLANS: WeakKeyDictionary[nn.Module, dict[tuple, Plan]] = WeakKeyDictionary()
 """model -> {structure key: plan}: a training loop analyses its model once per structure."""
+USAGE: WeakKeyDictionary[nn.Module, dict] = WeakKeyDictionary()
+"""model -> what its last BatchGrads was asked for (a loop asks the same every step)."""
 
 BATCHNORM_MODES = ("error", "coupled")
 
@@ -261,7 +263,9 @@ class Capture:
             out.exchange = info
             return out
         shape = (b,) if self.mode == "loss" else (b, k)
-        return BatchGrads([pgs[i] for i in self._names], shape)
+        last = USAGE.get(self.model)  # did the model's last batch want a Gram?
+        usage = USAGE[self.model] = {"expect_gram": True if last is None else last["gram"]}
+        return BatchGrads([pgs[i] for i in self._names], shape, usage)
 
     def gather(self, t: Tensor) -> Tensor:
         """With a ``process_group``: every rank's ``t`` (n_r, ...) concatenated in rank order,

@@ -15,7 +15,7 @@ A leading block axis ``Gb`` (conv groups) gives a block-diagonal weight; blocks 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,10 @@ class Outer:
     left: Tensor
     right: Tensor
     p: int
+    # sum over examples by the layer's own kernel (a convolution's weight gradient), as
+    # (Gb p, q)-viewable: faster than a product of the factors, which would copy strided
+    # im2col patches; None: from the factors
+    total_fn: Callable[[], Tensor] | None = None
 
     @property
     def index(self) -> bool:
@@ -57,8 +61,28 @@ class Outer:
 
     def cat(self, other: Outer) -> Outer:
         """Sum of two uses = concatenation along t (exact; used for tied/reused weights)."""
+        fa, fb = self.total_fn, other.total_fn
+        total_fn = (lambda: fa() + fb()) if fa is not None and fb is not None else None
         return Outer(torch.cat([self.left, other.left], dim=-1 if self.index else 2),
-                     torch.cat([self.right, other.right], dim=2), self.p)
+                     torch.cat([self.right, other.right], dim=2), self.p, total_fn)
+
+    def _right_tq(self) -> Tensor:
+        """Right factor as (N Gb, T, q), a strided view (no copy) when it is the transpose of
+        a contiguous (N, Gb, q, T) tensor (im2col patches)."""
+        n, gb, t, q = self.right.shape
+        rt = self.right.transpose(-1, -2)
+        if rt.is_contiguous():
+            return rt.reshape(n * gb, q, t).transpose(1, 2)
+        return self.right.reshape(n * gb, t, q)
+
+    def _left_pt(self) -> Tensor:
+        """Left factor as (N Gb, p, T) without a copy when it is a transposed view of a
+        contiguous (N, Gb, p, T) tensor (convolutions: output gradients are channel-major)."""
+        n, gb, t, p = self.left.shape
+        lt = self.left.transpose(-1, -2)
+        if lt.is_contiguous():
+            return lt.reshape(n * gb, p, t)
+        return self.left.reshape(n * gb, t, p).transpose(1, 2)
 
     def materialize(self) -> Tensor:
         """-> (N, Gb, p, q); cost N Gb T p q flops (dense) or N T q (ids) + N p q memory."""
@@ -68,8 +92,30 @@ class Outer:
             flat = self.left + torch.arange(n, device=self.left.device)[:, None] * self.p
             out.index_add_(0, flat.reshape(-1), self.right.reshape(n * t, q))
             return out.view(n, 1, self.p, q)
-        lt = self.left.reshape(n * gb, t, self.p).transpose(1, 2)  # (N Gb, p, T)
-        return torch.bmm(lt, self.right.reshape(n * gb, t, q)).view(n, gb, self.p, q)
+        return torch.bmm(self._left_pt(), self._right_tq()).view(n, gb, self.p, q)
+
+    def materialize_into(self, out: Tensor, accumulate: bool) -> None:
+        """``out`` (N, Gb, p, q) = (or, with ``accumulate``, +=) the per-example gradients,
+        written in place: a reused buffer spares the fresh pages a new (N, Gb, p, q) tensor
+        costs (the OS zeroes them), as much as the product itself for large layers."""
+        n, gb, t, q = self.right.shape
+        if self.index:
+            flat = out.view(n * self.p, q)
+            if not accumulate:
+                flat.zero_()
+            ids = self.left + torch.arange(n, device=self.left.device)[:, None] * self.p
+            flat.index_add_(0, ids.reshape(-1), self.right.reshape(n * t, q))
+            return
+        o = out.view(n * gb, self.p, q)
+        if t == 1:  # outer products: a broadcast multiply, not a bmm of inner size 1
+            prod = self.left.reshape(n * gb, self.p, 1) * self.right.reshape(n * gb, 1, q)
+            o.add_(prod) if accumulate else o.copy_(prod)
+            return
+        lt, rt = self._left_pt(), self._right_tq()  # (N Gb, p, T), (N Gb, T, q)
+        if accumulate:
+            torch.baddbmm(o, lt, rt, out=o)
+        else:
+            torch.bmm(lt, rt, out=o)
 
     def materialize_rows(self, r0: int, r1: int) -> Tensor:
         """Rows r0:r1 of the (Gb p, q) matrix view, for every example -> (N, r1 - r0, q)."""
@@ -90,6 +136,9 @@ class Outer:
         """scale * sum_n g_n -> (Gb, p, q): what autograd gives for the (scaled) summed loss.
         ``scale`` goes on the smaller of the two factors (no extra pass over p x q)."""
         n, gb, t, q = self.right.shape
+        if self.total_fn is not None:
+            total = self.total_fn().reshape(gb, self.p, q)
+            return total * scale if scale != 1.0 else total
         left, right = self.left, self.right
         if scale != 1.0:
             if self.index or q <= self.p:
@@ -108,7 +157,8 @@ class Outer:
         """For a dense factor with Gb = 1 (Linear): ``dst`` (p x q elements) += (or =)
         ``scale * sum_n g_n`` by one in-place ``addmm``; False (nothing done) otherwise."""
         if (self.index or self.right.shape[1] != 1 or not dst.is_contiguous()
-                or dst.dtype != self.right.dtype or dst.numel() != self.p * self.right.shape[3]):
+                or dst.dtype != self.right.dtype or dst.numel() != self.p * self.right.shape[3]
+                or self.total_fn is not None):
             return False
         n, _, t, q = self.right.shape
         left, right = self.left, self.right

@@ -8,6 +8,7 @@ of two ``ParamGrads`` therefore contain every cross term <g^(u)_i, h^(v)_j> of t
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -228,26 +229,70 @@ def inner(a: ParamGrads, b: ParamGrads, diag: bool = False, cache_a: FlatCache |
     if compact:
         ma = compact[0].materialize().reshape(a.n, -1)
         mb = ma if a is b else compact[1].materialize().reshape(b.n, -1)
+    elif a is b and not built[0] and a.factors:  # used at once: build in the workspace
+        ma = mb = rows_in_workspace(a)
+        if ma is None:
+            ma = mb = _flat(a, None)
     else:
         ma = _flat(a, cache_a)
         mb = ma if a is b else _flat(b, cache_b)
     if a is b:  # Gram / norms of one batch: build the per-example gradients once
-        return (ma * ma).sum(1) if diag else ma @ ma.T
+        # the norm reads the rows once; ma * ma would write a fresh (N, P) temporary
+        return torch.linalg.vector_norm(ma, dim=1).square() if diag else ma @ ma.T
     return (ma * mb).sum(1) if diag else dense_cross(ma, mb)
 
 
-def materializes(pg: ParamGrads, cache: FlatCache) -> bool:
-    """Would the Gram of ``pg`` materialise its per-example gradients (cost model), with room
-    for them in ``cache``? Then the same (N, P) rows serve the sum (``.grad``) too: one
-    pass over N T p q multiply-adds instead of two (the book-keeping of Bu et al. 2023)."""
-    if pg.name in cache:
-        return True
-    if not pg.factors or pg.dense is not None or _compact_ids(pg, pg) is not None:
+WORKSPACE_BYTES = 1 << 29
+"""Largest (N, P) block of one parameter's per-example gradients built in the reused
+workspace (one per thread, dtype and device, kept between steps)."""
+_WORKSPACE = threading.local()
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """A flat buffer of ``numel`` elements, reused across calls (grown when needed), or None
+    when it would exceed ``WORKSPACE_BYTES``."""
+    if numel * torch.empty((), dtype=dtype).element_size() > WORKSPACE_BYTES:
+        return None
+    bufs = getattr(_WORKSPACE, "bufs", None)
+    if bufs is None:
+        bufs = _WORKSPACE.bufs = {}
+    buf = bufs.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def rows_in_workspace(pg: ParamGrads) -> Tensor | None:
+    """pg's per-example gradients as (N, P) in the workspace (valid until the next use of the
+    workspace), or None if they do not fit it."""
+    gb, p, q = pg.factors[0].layout
+    buf = workspace(pg.n * pg.param.numel(), pg.dtype, pg.param.device)
+    if buf is None:
+        return None
+    out = buf.view(pg.n, gb, p, q)
+    first = True
+    if pg.dense is not None:
+        out.copy_(pg.dense.reshape(out.shape))
+        first = False
+    for f in pg.factors:
+        f.materialize_into(out, accumulate=not first)
+        first = False
+    return buf.view(pg.n, -1)
+
+
+def bookkeeps(pg: ParamGrads) -> bool:
+    """Should ``pg``'s per-example gradients be built once, for its Gram *and* its sum
+    (``.grad``)? When the cost model would materialise them for the Gram anyway: then the sum
+    of their rows replaces the weight-gradient product of the factors (one pass over N T p q
+    multiply-adds instead of two: the book-keeping of Bu et al., 2023), and the Gram of the
+    same rows costs N^2 P more. Embeddings whose ids can be compacted go their own way."""
+    if not pg.factors or pg.strategy == "ghost" or _compact_ids(pg, pg) is not None:
         return False
-    if _use_ghost(pg, pg, pg.factors, pg.factors, diag=False):
+    if pg.n * pg.param.numel() * torch.empty((), dtype=pg.dtype).element_size() > \
+            WORKSPACE_BYTES:
         return False
-    used = sum(t.numel() * t.element_size() for t in cache.values())
-    return used + pg.n * pg.param.numel() * pg.factors[0].right.element_size() <= FLAT_CACHE_BYTES
+    return pg.strategy == "materialize" or not _use_ghost(pg, pg, pg.factors, pg.factors,
+                                                          diag=False)
 
 
 def self_grams(params: dict[str, ParamGrads], cache: FlatCache | None = None

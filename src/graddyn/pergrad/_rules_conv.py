@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
 from torch import Tensor, nn
 
 from ._factors import Outer
-from ._im2col import patches
+from ._im2col import pad_input, patches
 from ._rules import RuleCall, Use, register_rule
 
 
@@ -32,18 +33,36 @@ def _groups_last(t: Tensor, n: int, groups: int) -> Tensor:
     return t.reshape(n, groups, -1, t.shape[-1]).transpose(2, 3)
 
 
+def _weight_grad(m: nn.Module, x: Tensor, g: Tensor, transposed: bool) -> Tensor:
+    """The summed weight gradient by the convolution's own backward kernel (what autograd
+    runs): the engine's ``.grad`` of a convolution, instead of a product of its factors."""
+    x = pad_input(m, x) if not transposed and m.padding_mode != "zeros" else x
+    padding = (0,) * len(m.kernel_size) if not transposed and m.padding_mode != "zeros" \
+        else m.padding
+    if isinstance(padding, str):  # 'same' / 'valid': pad_input gives the padded input
+        x, padding = pad_input(m, x), (0,) * len(m.kernel_size)
+    weight = m.weight.detach()
+    return torch.ops.aten.convolution_backward(
+        g.to(weight.dtype), x.to(weight.dtype), weight, None, list(m.stride), list(padding),
+        list(m.dilation), transposed, list(getattr(m, "output_padding", (0,) *
+                                                    len(m.kernel_size))),
+        m.groups, [False, True, False])[1]
+
+
 def conv_rule(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, call: RuleCall) -> list[Use]:
     """Per-example weight factors and dense bias (N, Cout); see the module docstring."""
     g = call.grad
     n, cout, groups = g.shape[0], m.out_channels, m.groups
-    g = g.reshape(n, cout, -1)  # (N, Cout, L)
+    x = call.args[0]
+    g3 = g.reshape(n, cout, -1)  # (N, Cout, L)
     uses: list[Use] = []
     if "weight" in call.wanted:
-        u = patches(m, call.args[0])  # (N, Cin k, L), F.unfold's layout from strided views
-        uses.append(("weight", Outer(_groups_last(g, n, groups), _groups_last(u, n, groups),
-                                     cout // groups)))
+        u = patches(m, x)  # (N, Cin k, L), F.unfold's layout from strided views
+        total = (lambda: _weight_grad(m, x, g, False)) if isinstance(m, nn.Module) else None
+        uses.append(("weight", Outer(_groups_last(g3, n, groups), _groups_last(u, n, groups),
+                                     cout // groups, total)))
     if "bias" in call.wanted and m.bias is not None:
-        uses.append(("bias", g.sum(2)))
+        uses.append(("bias", g3.sum(2)))
     return uses
 
 
