@@ -50,6 +50,24 @@ def test_conv2d(check, opts):
     check(model, x, torch.randint(0, 3, (4,)))
 
 
+WIDE = [(nn.Conv1d, dict(kernel_size=3, padding=2, padding_mode="replicate")),
+        (nn.Conv2d, dict(kernel_size=3, stride=2, padding="valid")),
+        (nn.Conv2d, dict(kernel_size=4, padding="same", dilation=1, groups=2)),
+        (nn.Conv2d, dict(kernel_size=3, padding=1, padding_mode="circular", bias=False)),
+        (nn.Conv3d, dict(kernel_size=2, dilation=2, padding=1))]
+
+
+@pytest.mark.parametrize("conv,opts", WIDE, ids=lambda o: getattr(o, "__name__", None) or str(o))
+def test_conv_per_example_kernel(check, conv, opts):
+    """Groups of 8-64 input channels take their per-example gradients from the convolution's
+    own backward kernel (the examples folded into its groups), not from the patches."""
+    nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv]
+    model = nn.Sequential(conv(16, 8, **opts), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(4, 16, *[(7, 6, 5)[i] for i in range(nd)])
+    model(x)
+    check(model, x, torch.randint(0, 3, (4,)))
+
+
 @pytest.mark.parametrize("opts", [dict(kernel_size=3), dict(kernel_size=4, stride=2, padding=1),
                                   dict(kernel_size=3, padding="same", dilation=2),
                                   dict(kernel_size=3, groups=2, bias=False),

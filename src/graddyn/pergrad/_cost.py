@@ -128,7 +128,7 @@ def build_flops(side: list[Outer]) -> float:
 def materialize_bytes(a: list[Outer], b: list[Outer], diag: bool) -> int:
     gb, p, q = a[0].layout
     n = a[0].n if a is b else a[0].n + b[0].n
-    return n * gb * p * q * a[0].right.element_size()
+    return n * gb * p * q * a[0].dtype.itemsize
 
 
 def prefer_ghost(a: list[Outer], b: list[Outer], diag: bool,
@@ -137,7 +137,7 @@ def prefer_ghost(a: list[Outer], b: list[Outer], diag: bool,
     in memory. ``built``: a side already materialised (cached) costs nothing to build."""
     if materialize_bytes(a, b, diag) > MATERIALIZE_BUDGET_BYTES and not all(built):
         return True
-    r = rates(a[0].right.device.type)
+    r = rates(a[0].left.device.type)
     gb, p, q = a[0].layout
     sides = [a] if a is b else [a, b]
     done = built[:1] if a is b else built

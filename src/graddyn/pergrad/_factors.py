@@ -16,27 +16,45 @@ A leading block axis ``Gb`` (conv groups) gives a block-diagonal weight; blocks 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-@dataclass
 class Outer:
     """g_n = stack_g sum_t left[n, g, t] (x) right[n, g, t], reshaped to the parameter's shape.
 
     ``left`` is dense ``(N, Gb, T, p)`` or integer token ids ``(N, T)`` standing for one-hot
-    rows of length ``p`` (then ``Gb == 1``); ``right`` is ``(N, Gb, T, q)``.
+    rows of length ``p`` (then ``Gb == 1``); ``right`` is ``(N, Gb, T, q)``, or a function that
+    builds it with ``right_shape`` given (a convolution's im2col patches: built only where a
+    product of the factors needs them).
+
+    A layer may also pass its own kernels, each faster than a product of the factors:
+    ``total_fn() -> (Gb p, q)``-viewable sum over examples (a convolution's weight gradient)
+    and ``rows_fn() -> (N, Gb, p, q)``-viewable per-example gradients (the same kernel with
+    the examples as convolution groups, as torch.func's batching rule does).
     """
 
-    left: Tensor
-    right: Tensor
-    p: int
-    # sum over examples by the layer's own kernel (a convolution's weight gradient), as
-    # (Gb p, q)-viewable: faster than a product of the factors, which would copy strided
-    # im2col patches; None: from the factors
-    total_fn: Callable[[], Tensor] | None = None
+    __slots__ = ("left", "_right", "_right_fn", "right_shape", "p", "total_fn", "rows_fn")
+
+    def __init__(self, left: Tensor, right: Tensor | Callable[[], Tensor], p: int,
+                 total_fn: Callable[[], Tensor] | None = None,
+                 rows_fn: Callable[[], Tensor] | None = None,
+                 right_shape: tuple[int, ...] | None = None) -> None:
+        self.left, self.p, self.total_fn, self.rows_fn = left, p, total_fn, rows_fn
+        if isinstance(right, Tensor):
+            self._right, self._right_fn, self.right_shape = right, None, tuple(right.shape)
+        else:
+            if right_shape is None:
+                raise ValueError("Outer: a lazy right factor needs right_shape")
+            self._right, self._right_fn, self.right_shape = None, right, tuple(right_shape)
+
+    @property
+    def right(self) -> Tensor:
+        if self._right is None:
+            self._right = self._right_fn()
+            self._right_fn = None
+        return self._right
 
     @property
     def index(self) -> bool:
@@ -45,15 +63,20 @@ class Outer:
     @property
     def layout(self) -> tuple[int, int, int]:
         """(Gb, p, q): two factors with the same layout describe the same matrix view."""
-        return (self.right.shape[1], self.p, self.right.shape[3])
+        return (self.right_shape[1], self.p, self.right_shape[3])
 
     @property
     def n(self) -> int:
-        return self.right.shape[0]
+        return self.right_shape[0]
 
     @property
     def t(self) -> int:
-        return self.right.shape[2]
+        return self.right_shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the per-example gradients (the right factor's; a dense left has it too)."""
+        return self._right.dtype if self._right is not None else self.left.dtype
 
     def rows(self, sl: slice) -> Outer:
         """The same factor restricted to examples ``sl``."""
@@ -63,8 +86,10 @@ class Outer:
         """Sum of two uses = concatenation along t (exact; used for tied/reused weights)."""
         fa, fb = self.total_fn, other.total_fn
         total_fn = (lambda: fa() + fb()) if fa is not None and fb is not None else None
+        ra, rb = self.rows_fn, other.rows_fn
+        rows_fn = (lambda: ra() + rb()) if ra is not None and rb is not None else None
         return Outer(torch.cat([self.left, other.left], dim=-1 if self.index else 2),
-                     torch.cat([self.right, other.right], dim=2), self.p, total_fn)
+                     torch.cat([self.right, other.right], dim=2), self.p, total_fn, rows_fn)
 
     def _right_tq(self) -> Tensor:
         """Right factor as (N Gb, T, q), a strided view (no copy) when it is the transpose of
@@ -86,7 +111,9 @@ class Outer:
 
     def materialize(self) -> Tensor:
         """-> (N, Gb, p, q); cost N Gb T p q flops (dense) or N T q (ids) + N p q memory."""
-        n, gb, t, q = self.right.shape
+        n, gb, t, q = self.right_shape
+        if self.rows_fn is not None:
+            return self.rows_fn().view(n, gb, self.p, q)
         if self.index:
             out = self.right.new_zeros(n * self.p, q)
             flat = self.left + torch.arange(n, device=self.left.device)[:, None] * self.p
@@ -98,7 +125,11 @@ class Outer:
         """``out`` (N, Gb, p, q) = (or, with ``accumulate``, +=) the per-example gradients,
         written in place: a reused buffer spares the fresh pages a new (N, Gb, p, q) tensor
         costs (the OS zeroes them), as much as the product itself for large layers."""
-        n, gb, t, q = self.right.shape
+        n, gb, t, q = self.right_shape
+        if self.rows_fn is not None:
+            rows = self.rows_fn().view(out.shape)
+            out.add_(rows) if accumulate else out.copy_(rows)
+            return
         if self.index:
             flat = out.view(n * self.p, q)
             if not accumulate:
@@ -135,7 +166,7 @@ class Outer:
     def total(self, scale: float = 1.0) -> Tensor:
         """scale * sum_n g_n -> (Gb, p, q): what autograd gives for the (scaled) summed loss.
         ``scale`` goes on the smaller of the two factors (no extra pass over p x q)."""
-        n, gb, t, q = self.right.shape
+        n, gb, t, q = self.right_shape
         if self.total_fn is not None:
             total = self.total_fn().reshape(gb, self.p, q)
             return total * scale if scale != 1.0 else total
@@ -156,9 +187,9 @@ class Outer:
     def into(self, dst: Tensor, scale: float, accumulate: bool) -> bool:
         """For a dense factor with Gb = 1 (Linear): ``dst`` (p x q elements) += (or =)
         ``scale * sum_n g_n`` by one in-place ``addmm``; False (nothing done) otherwise."""
-        if (self.index or self.right.shape[1] != 1 or not dst.is_contiguous()
-                or dst.dtype != self.right.dtype or dst.numel() != self.p * self.right.shape[3]
-                or self.total_fn is not None):
+        if (self.total_fn is not None or self.index or self.right_shape[1] != 1
+                or not dst.is_contiguous() or dst.dtype != self.right.dtype
+                or dst.numel() != self.p * self.right_shape[3]):
             return False
         n, _, t, q = self.right.shape
         left, right = self.left, self.right

@@ -55,7 +55,7 @@ class ParamGrads:
         """Add one use; a layout clash with earlier uses is resolved by materialising it.
         Factors in another dtype (bfloat16 under autocast) are cast to ``self.dtype``."""
         dt = self.dtype
-        if f.right.dtype != dt or (not f.index and f.left.dtype != dt):
+        if f.dtype != dt or (not f.index and f.left.dtype != dt):
             f = Outer(f.left if f.index else f.left.to(dt), f.right.to(dt), f.p)
         for k, old in enumerate(self.factors):
             if old.layout != f.layout:

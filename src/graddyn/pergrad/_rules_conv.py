@@ -33,20 +33,25 @@ def _groups_last(t: Tensor, n: int, groups: int) -> Tensor:
     return t.reshape(n, groups, -1, t.shape[-1]).transpose(2, 3)
 
 
-def _weight_grad(m: nn.Module, x: Tensor, g: Tensor, transposed: bool) -> Tensor:
-    """The summed weight gradient by the convolution's own backward kernel (what autograd
-    runs): the engine's ``.grad`` of a convolution, instead of a product of its factors."""
-    x = pad_input(m, x) if not transposed and m.padding_mode != "zeros" else x
-    padding = (0,) * len(m.kernel_size) if not transposed and m.padding_mode != "zeros" \
-        else m.padding
-    if isinstance(padding, str):  # 'same' / 'valid': pad_input gives the padded input
+def _weight_grad(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor, g: Tensor,
+                 per_example: bool) -> Tensor:
+    """The weight gradient by the convolution's own backward kernel (what autograd runs):
+    summed over examples -> (Cout, Cin/groups, *k); or, with ``per_example``, each example's
+    -> (N Cout, Cin/groups, *k), the examples folded into the groups (N groups convolutions
+    of one example each: torch.func's batching rule for convolutions). x: (N, Cin, *S),
+    g: (N, Cout, *S_out)."""
+    padding = m.padding
+    if m.padding_mode != "zeros" or isinstance(padding, str):  # 'same'/'valid'/reflect...
         x, padding = pad_input(m, x), (0,) * len(m.kernel_size)
-    weight = m.weight.detach()
+    w = m.weight.detach()
+    x, g, groups = x.to(w.dtype), g.to(w.dtype), m.groups
+    if per_example:
+        n = x.shape[0]
+        x, g, groups = x.reshape(1, -1, *x.shape[2:]), g.reshape(1, -1, *g.shape[2:]), n * groups
+        w = w.new_empty(()).expand(n * w.shape[0], *w.shape[1:])  # read for its shape only
     return torch.ops.aten.convolution_backward(
-        g.to(weight.dtype), x.to(weight.dtype), weight, None, list(m.stride), list(padding),
-        list(m.dilation), transposed, list(getattr(m, "output_padding", (0,) *
-                                                    len(m.kernel_size))),
-        m.groups, [False, True, False])[1]
+        g, x, w, None, list(m.stride), list(padding), list(m.dilation), False,
+        [0] * len(m.kernel_size), groups, [False, True, False])[1]
 
 
 def conv_rule(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, call: RuleCall) -> list[Use]:
@@ -57,10 +62,18 @@ def conv_rule(m: nn.Conv1d | nn.Conv2d | nn.Conv3d, call: RuleCall) -> list[Use]
     g3 = g.reshape(n, cout, -1)  # (N, Cout, L)
     uses: list[Use] = []
     if "weight" in call.wanted:
-        u = patches(m, x)  # (N, Cin k, L), F.unfold's layout from strided views
-        total = (lambda: _weight_grad(m, x, g, False)) if isinstance(m, nn.Module) else None
-        uses.append(("weight", Outer(_groups_last(g3, n, groups), _groups_last(u, n, groups),
-                                     cout // groups, total)))
+        left = _groups_last(g3, n, groups)  # (N, groups, L, Cout/g)
+        q = m.weight[0].numel()  # Cin/g k
+        # the im2col patches (N, groups, L, Cin/g k) only where a product of the factors
+        # needs them; the sum comes from the convolution's backward kernel, and so do the
+        # per-example gradients where that kernel with N times the groups is the faster
+        # way (groups of 8-64 input channels: docs/benchmarks.md, "convolutions")
+        cin_g = m.weight.shape[1]
+        uses.append(("weight", Outer(
+            left, lambda: _groups_last(patches(m, x), n, groups), cout // groups,
+            total_fn=lambda: _weight_grad(m, x, g, False),
+            rows_fn=(lambda: _weight_grad(m, x, g, True)) if 8 <= cin_g <= 64 else None,
+            right_shape=(n, groups, left.shape[2], q))))
     if "bias" in call.wanted and m.bias is not None:
         uses.append(("bias", g3.sum(2)))
     return uses
