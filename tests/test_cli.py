@@ -244,3 +244,18 @@ def test_every_experiment_key_has_help():
     missing = {name: [k for k, _, _, h in describe_config(EXPERIMENTS.get(name).Config) if not h]
                for name in EXPERIMENTS.names()}
     assert not {n: m for n, m in missing.items() if m}
+
+
+def test_calibrate_writes_the_rates_the_cost_model_reads(tmp_path, capsys, monkeypatch):
+    from graddyn.pergrad._cost import Rates, rates
+
+    path = tmp_path / "cost.json"
+    monkeypatch.setenv("GRADDYN_COST_FILE", str(path))
+    rates.cache_clear()
+    try:
+        assert main(["calibrate", "--threads", "1"]) == 0
+        assert str(path) in capsys.readouterr().out
+        got = rates("cpu")
+        assert got != Rates() and got.ghost > 0 and got.build > 0
+    finally:
+        rates.cache_clear()

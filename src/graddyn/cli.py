@@ -163,6 +163,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Time the engine's three kinds of product and save the rates its cost model reads."""
+    import torch
+
+    from graddyn.pergrad._cost import calibrate, cost_file
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or before)
+    try:
+        got = calibrate(device=args.device)
+        print(f"per multiply-add, relative to a Gram of materialised rows: ghost "
+              f"{got.ghost:.2f}, build {got.build:.2f} ({torch.get_num_threads()} threads); "
+              f"saved to {cost_file(args.device)}")
+    finally:
+        torch.set_num_threads(before)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo experiment's short config (resuming a previous demo run), then report."""
     from graddyn.experiments import EXPERIMENTS, get_experiment, report, run_experiment
@@ -241,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="where (default: <run>/tensorboard, <root>/mlruns, "
                                   "<run>/metrics.csv; for mlflow also a tracking URI)")
     sp.set_defaults(func=cmd_export)
+    sp = add("calibrate", "measure this machine's speeds for the per-example engine's choice "
+                          "between ghost and materialised products (a few seconds)")
+    sp.add_argument("--device", default="cpu", help="torch device to calibrate (default cpu)")
+    sp.add_argument("--threads", type=int, default=0,
+                    help="torch threads to calibrate at (default: torch's default)")
+    sp.set_defaults(func=cmd_calibrate)
     sp = add("demo", f"run {DEMO_EXPERIMENT!r} (short config) and write its report")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_demo)
