@@ -55,7 +55,7 @@ class BatchGrads:
         self._gram_total: Tensor | None = None
         self._sq: dict[str, Tensor] | None = None  # name -> (N,) squared norms
         self._flat: FlatCache = {}  # name -> (N, P) materialised per-example gradients, kept
-        self._book: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (its Gram (N, N), its sum)
+        self._book: dict[str, dict] = {}  # name -> its sum, squared norms, Gram (see _booked)
         self.exchange = None  # capture(process_group=...): what gathering the ranks' cost
 
     @property
@@ -81,7 +81,7 @@ class BatchGrads:
             if self._grams is not None:
                 self._sq = {k: g.diagonal() for k, g in self._grams.items()}
             else:
-                self._sq = {k: self._booked(pg)[0].diagonal() if self._books(pg) else inner(
+                self._sq = {k: self._booked(pg)["sq"] if self._books(pg) else inner(
                     pg, pg, diag=True, cache_a=self._flat, cache_b=self._flat)
                     for k, pg in self._params.items()}
         return self._sq
@@ -90,28 +90,36 @@ class BatchGrads:
         """name -> (N, N) per-layer Gram, computed on first use and kept (read-only)."""
         self._usage["gram"] = True
         if self._grams is None:
-            booked = {k: self._booked(pg)[0] for k, pg in self._params.items()
+            booked = {k: self._booked(pg)["gram"] for k, pg in self._params.items()
                       if self._books(pg)}
+            booked = {k: g for k, g in booked.items() if g is not None}  # None: norms only
             rest = {k: pg for k, pg in self._params.items() if k not in booked}
             grams = {**booked, **self_grams(rest, self._flat)}
             self._grams = {k: grams[k] for k in self._params}
         return self._grams
 
+    def _wants_gram(self) -> bool:
+        """A Gram asked for already, or by the previous batch of the same capture (a loop
+        asks the same every step)."""
+        return self._usage["gram"] or self._usage["expect_gram"]
+
     def _books(self, pg: ParamGrads) -> bool:
-        """Book-keep ``pg`` (see ``bookkeeps``)? Only where a Gram is wanted: asked for
-        already, or by the previous batch of the same capture (a norms-only loop gets the
-        factors' weight-gradient product and the cheaper diagonal instead)."""
+        """Book-keep ``pg`` (see ``bookkeeps``): where the Gram (or, in a norms-only loop,
+        the norms) would build its per-example gradients anyway."""
         if pg.name in self._book:
             return True
-        wanted = self._usage["gram"] or self._usage["expect_gram"]
-        return wanted and len(self.batch_shape) == 1 and bookkeeps(pg)
+        return len(self.batch_shape) == 1 and bookkeeps(pg, diag=not self._wants_gram())
 
-    def _booked(self, pg: ParamGrads) -> tuple[Tensor, Tensor]:
-        """(Gram (N, N), sum (param.shape)) of a book-kept parameter, from ONE build of its
-        per-example gradients in the workspace (see ``bookkeeps``); computed once."""
+    def _booked(self, pg: ParamGrads) -> dict[str, Tensor | None]:
+        """A book-kept parameter's sum (param.shape), squared norms (N,) and, where a Gram is
+        wanted, Gram (N, N), from ONE build of its per-example gradients in the workspace
+        (see ``bookkeeps``); computed once."""
         if pg.name not in self._book:
             rows = rows_in_workspace(pg)  # (N, P), valid until the next use of the workspace
-            self._book[pg.name] = (rows @ rows.T, rows.sum(0).reshape(pg.shape))
+            self._book[pg.name] = {
+                "sum": rows.sum(0).reshape(pg.shape),
+                "sq": torch.linalg.vector_norm(rows, dim=1).square(),
+                "gram": rows @ rows.T if self._wants_gram() else None}
         return self._book[pg.name]
 
     def gram(self, per_layer: bool = False) -> Tensor | dict[str, Tensor]:
@@ -207,7 +215,7 @@ class BatchGrads:
         """scale * sum_n g_n; from the per-example rows where the Gram builds them anyway
         (book-keeping, see ``_booked``), else from the factors."""
         if self._books(pg):
-            total = self._booked(pg)[1]
+            total = self._booked(pg)["sum"]
             return total * scale if scale != 1.0 else total.clone()
         return pg.total(scale)
 

@@ -243,8 +243,8 @@ def ghost_diag(a: Outer, b: Outer) -> Tensor:
     n, gb = a.n, a.layout[0]
     if gb == a.t == b.t == 1 and not (a.index or b.index):  # (N,) products of row dots
         return ((a.left * b.left).sum((1, 2, 3)) * (a.right * b.right).sum((1, 2, 3)))
-    ra = a.right.reshape(n * gb, a.t, -1)
-    rr = torch.bmm(ra, b.right.reshape(n * gb, b.t, -1).transpose(1, 2))  # (N Gb, Ta, Tb)
+    ra, rb = _blocks(a.right), _blocks(b.right)  # (N Gb, Ta, q), (N Gb, Tb, q)
+    rr = torch.bmm(ra, rb.transpose(1, 2))  # (N Gb, Ta, Tb)
     if a.index and b.index:
         ll = (a.left[:, :, None] == b.left[:, None, :]).to(rr.dtype)
     elif a.index:
@@ -253,9 +253,14 @@ def ghost_diag(a: Outer, b: Outer) -> Tensor:
         idx = b.left[:, None, :].expand(n, a.t, b.t)
         ll = a.left[:, 0].gather(2, idx)
     else:
-        la = a.left.reshape(n * gb, a.t, -1)
-        ll = torch.bmm(la, b.left.reshape(n * gb, b.t, -1).transpose(1, 2))
+        ll = torch.bmm(_blocks(a.left), _blocks(b.left).transpose(1, 2))
     return (ll.reshape(rr.shape) * rr).view(n, -1).sum(1)
+
+
+def _blocks(f: Tensor) -> Tensor:
+    """(N, Gb, T, d) -> (N Gb, T, d); with Gb = 1 a view in any strides (bmm reads strided
+    batches; a reshape would copy a transposed activation or gradient)."""
+    return f[:, 0] if f.shape[1] == 1 else f.reshape(-1, *f.shape[2:])
 
 
 def dense_cross(a: Tensor, b: Tensor) -> Tensor:

@@ -280,19 +280,19 @@ def rows_in_workspace(pg: ParamGrads) -> Tensor | None:
     return buf.view(pg.n, -1)
 
 
-def bookkeeps(pg: ParamGrads) -> bool:
-    """Should ``pg``'s per-example gradients be built once, for its Gram *and* its sum
-    (``.grad``)? When the cost model would materialise them for the Gram anyway: then the sum
-    of their rows replaces the weight-gradient product of the factors (one pass over N T p q
-    multiply-adds instead of two: the book-keeping of Bu et al., 2023), and the Gram of the
-    same rows costs N^2 P more. Embeddings whose ids can be compacted go their own way."""
+def bookkeeps(pg: ParamGrads, diag: bool = False) -> bool:
+    """Should ``pg``'s per-example gradients be built once, for its Gram (``diag``: its
+    norms) *and* its sum (``.grad``)? When the cost model would materialise them for that
+    query anyway: then the sum of their rows replaces the weight-gradient product of the
+    factors (one pass over N T p q multiply-adds instead of two: the book-keeping of Bu et
+    al., 2023). Embeddings whose ids can be compacted go their own way."""
     if not pg.factors or pg.strategy == "ghost" or _compact_ids(pg, pg) is not None:
         return False
     if pg.n * pg.param.numel() * torch.empty((), dtype=pg.dtype).element_size() > \
             WORKSPACE_BYTES:
         return False
     return pg.strategy == "materialize" or not _use_ghost(pg, pg, pg.factors, pg.factors,
-                                                          diag=False)
+                                                          diag=diag)
 
 
 def self_grams(params: dict[str, ParamGrads], cache: FlatCache | None = None
