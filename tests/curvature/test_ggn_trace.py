@@ -70,7 +70,7 @@ def test_forms_equal_dense_gauss_newton(build, params, per_layer) -> None:
     torch.testing.assert_close(torch.trace(G), torch.trace(op.to_dense()), rtol=1e-10, atol=1e-12)
 
 
-def test_estimate_within_its_standard_error_and_less_noisy_than_hvp_probes() -> None:
+def test_estimate_within_its_standard_error_and_less_noisy_than_hvp_vectors() -> None:
     torch.manual_seed(1)
     model = relu_mlp().double()
     op = HessianOperator(model, F.cross_entropy, data(model, 32, 4))
@@ -85,7 +85,7 @@ def test_stopping_rule() -> None:
     torch.manual_seed(2)
     model = relu_mlp().double()
     op = HessianOperator(model, F.cross_entropy, data(model, 16, 5))
-    est = ggn_hutchinson_trace(op, 5000, batch_size=20, rtol=0.05, min_probes=20)
+    est = ggn_hutchinson_trace(op, 5000, batch_size=20, rtol=0.05, min_vectors=20)
     assert est.converged and est.num_matvecs < 5000 and est.std_error <= 0.05 * abs(est.value)
 
 

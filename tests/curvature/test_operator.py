@@ -40,7 +40,7 @@ def test_matmat_and_matvec_match_dense_hessian(name, make, mode):
 
 
 @MODES
-def test_chunked_probes_match_unchunked(mode):
+def test_chunked_vectors_match_unchunked(mode):
     net, data = mlp(), batch("mlp")
     V = torch.randn(sum(p.numel() for p in net.parameters()), 9)
     full = HessianOperator(net, F.cross_entropy, data, mode=mode).matmat(V)
@@ -178,7 +178,7 @@ def test_empty_data_is_an_error():
         HessianOperator(mlp(), F.cross_entropy, [])
 
 
-def test_wrong_probe_shape_is_an_error():
+def test_wrong_vector_shape_is_an_error():
     op = HessianOperator(mlp(), F.cross_entropy, batch("mlp"))
     with pytest.raises(ValueError, match=r"expected V of shape \(\d+, K\).*matvec"):
         op.matmat(torch.randn(op.dim))
@@ -194,7 +194,7 @@ def test_forward_flops_counts_linear_and_conv_layers():
     assert forward_flops(net, torch.randn(7, 2, 6, 6)) == conv + linear
 
 
-def test_auto_mode_loops_over_probes_only_for_large_forwards(monkeypatch):
+def test_auto_mode_loops_over_vectors_only_for_large_forwards(monkeypatch):
     import graddyn.curvature._operator as operator
 
     net, data = mlp(), batch("mlp")

@@ -27,18 +27,18 @@ def test_lanczos_stops_when_krylov_space_is_exhausted():
 
 def test_slq_weights_sum_to_one_and_estimate_the_trace():
     A = sym(12)
-    nw = slq_nodes_weights(A, num_steps=12, num_probes=50,
+    nw = slq_nodes_weights(A, num_steps=12, num_vectors=50,
                            generator=torch.Generator().manual_seed(0))
     for _, weights in nw:
         assert weights.sum().item() == pytest.approx(1.0)
-    # With Rademacher probes, n * sum_j tau_j theta_j = z^T A z, Hutchinson's sample.
+    # With Rademacher vectors, n * sum_j tau_j theta_j = z^T A z, Hutchinson's sample.
     est = torch.tensor([12 * (w * n).sum() for n, w in nw])
     assert abs(est.mean() - A.trace()) < 4 * est.std() / 50**0.5
 
 
 def test_spectral_density_integrates_to_one_and_peaks_at_eigenvalues():
     A = torch.diag(torch.tensor([0.0, 0.0, 5.0, 5.0]))
-    t, phi = spectral_density(A, num_steps=4, num_probes=3, sigma=0.2)
+    t, phi = spectral_density(A, num_steps=4, num_vectors=3, sigma=0.2)
     assert torch.trapezoid(phi, t).item() == pytest.approx(1.0, abs=1e-3)
     assert phi[(t - 5.0).abs().argmin()] > 10 * phi[(t - 2.5).abs().argmin()]
 

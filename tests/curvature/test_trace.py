@@ -77,10 +77,10 @@ def test_estimators_accept_callables_and_operators():
 
 
 @pytest.mark.parametrize("call,msg", [
-    (lambda: hutchinson_trace(torch.eye(3), 1), "max_probes must be >= 2"),
+    (lambda: hutchinson_trace(torch.eye(3), 1), "max_vectors must be >= 2"),
     (lambda: hutchinson_trace(torch.eye(3), 4, batch_size=0), "batch_size must be >= 1"),
     (lambda: hutchpp_trace(torch.eye(3), 5), "num_matvecs must be >= 6"),
-], ids=["probes", "batch", "hutchpp"])
+], ids=["vectors", "batch", "hutchpp"])
 def test_budget_errors(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()

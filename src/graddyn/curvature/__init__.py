@@ -1,12 +1,12 @@
 """Curvature of a loss: Hessian operators and the estimators that read them.
 
-Operators apply the Hessian to many probe vectors at once (forward-over-reverse, vmapped);
+Operators apply the Hessian to many random vectors at once (forward-over-reverse, vmapped);
 estimators take an explicit ``(P, P)`` tensor, an operator, or a callable mat-mat, so the
 same function is tested on a 10x10 matrix and used on a network::
 
     op = HessianOperator(model, F.cross_entropy, (x, y), params=["fc2.weight", "fc2.bias"])
-    hutchinson_trace(op, max_probes=200, rtol=0.01)   # TraceEstimate(value, std_error, ...)
-    exact_trace(op)                   # piecewise-linear nets (ReLU, ...): exact, probe-free
+    hutchinson_trace(op, max_vectors=200, rtol=0.01)   # TraceEstimate(value, std_error, ...)
+    exact_trace(op)                   # piecewise-linear nets (ReLU, ...): exact, no random vectors
     ggn_hutchinson_trace(op, 100)     # piecewise-linear nets: Hutchinson from J z only
     lanczos_eigenvalue(op, tol=1e-3)  # EigenEstimate: top eigenvalue to relative error ~tol
     top_eigenvalues(op, k=3)                          # SciPy eigsh (Lanczos) on op.to_scipy()

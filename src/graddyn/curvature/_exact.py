@@ -1,4 +1,4 @@
-"""The exact Hessian trace of a piecewise-linear network, without probes.
+"""The exact Hessian trace of a piecewise-linear network, without random vectors.
 
 For ``L = loss(f(theta))`` the Hessian is ``H = J^T H_out J + sum_k (dL/df_k) d^2 f_k /
 d theta^2`` (``J = df/dtheta``, ``H_out = d^2 L / df^2``). When ``f`` is piecewise linear in each
@@ -12,7 +12,7 @@ with ``H_out,n = sum_j lambda_nj u_nj u_nj^T`` the output Hessian of example n (
 block: the loss must not couple examples) and ``J_n^T u_nj`` the gradient of
 ``<u_nj, f_n>``: a per-example gradient. So ``r = rank(H_out,n)`` backward passes (``C - 1``
 for softmax cross-entropy with ``C`` classes) and per-example squared gradient norms give the
-exact trace that Hutchinson's estimator converges to: no Monte-Carlo error, no probes.
+exact trace that Hutchinson's estimator converges to: no Monte-Carlo error, no random vectors.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def exact_trace(op: HessianOperator) -> TraceEstimate:
     :class:`NotPiecewiseLinearError` naming the module for anything else (tanh, GELU,
     LayerNorm, training-mode BatchNorm, a weight multiplied by itself; with ``params``
     restricted to the last layer any network qualifies), and ``ValueError`` for a loss that
-    couples the examples of a batch (checked on each batch with one random probe of the
+    couples the examples of a batch (checked on each batch with one random vector of the
     loss's Hessian). Any loss of the outputs that sums over examples works (cross-entropy,
     MSE, ...). The per-example gradient norms come from the engine (``graddyn.capture``), so
     a layer called twice, a weight also used outside its module, or a layer without a
@@ -130,8 +130,8 @@ def output_hessian_factor(loss_fn: LossFn, out: Tensor, y: Tensor) -> tuple[Tens
 
     eye = torch.eye(d, dtype=o.dtype, device=o.device)
     H = torch.stack([hvp(eye[k].expand(n, d)) for k in range(d)], 2)  # (N, D, D): H[n, :, k]
-    probe = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(o)
-    full, blocks = hvp(probe), torch.einsum("nik,nk->ni", H, probe)
+    vector = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).to(o)
+    full, blocks = hvp(vector), torch.einsum("nik,nk->ni", H, vector)
     tol = 1e3 * torch.finfo(o.dtype).eps * full.abs().max().item()
     if not torch.allclose(full, blocks, rtol=0, atol=tol):
         raise ValueError("the loss couples the examples of a batch (its Hessian in the outputs "

@@ -3,11 +3,11 @@
 For ``L = loss(f(theta))``, ``H = G + R`` with the Gauss-Newton part ``G = J^T H_out J`` and
 ``R = sum_k (dL/df_k) d^2 f_k / d theta^2``. When ``f`` is piecewise linear in each scalar
 parameter (ReLU networks; see ``_linearity``), ``R`` has a zero diagonal, so
-``tr(H) = tr(G)`` and, for Rademacher probes ``z``,
+``tr(H) = tr(G)`` and, for Rademacher vectors ``z``,
 
     E[z^T G z] = tr(G) = tr(H),       z^T G z = sum_n (J_n z)^T H_out,n (J_n z).
 
-So each probe needs only ``J z``, never a second derivative. Writing ``H_out,n = sum_j
+So each vector needs only ``J z``, never a second derivative. Writing ``H_out,n = sum_j
 s_nj u_nj u_nj^T`` (``r`` directions, ``output_hessian_factor``) and ``delta_lj`` for the
 gradient of ``<u_j, f>`` at the output of layer ``l`` (``r`` backward passes, once per batch,
 as in ``exact_trace``),
@@ -15,15 +15,15 @@ as in ``exact_trace``),
     u_nj^T J_n z = sum_l <delta_lj,n , t_l,n(z_l)>,   t_l(z_l) = d out_l / d theta_l . z_l,
 
 where ``t_l`` is the tangent of layer ``l``'s output when only its own parameters move (its
-input held fixed): for a Linear or Conv layer one product with the probe's weights, i.e. one
-forward pass of the layer per probe, with no tangent propagated through the network. A
+input held fixed): for a Linear or Conv layer one product with the vector's weights, i.e. one
+forward pass of the layer per vector, with no tangent propagated through the network. A
 Hessian-vector product for ``z^T H z`` costs a forward, a backward and both their tangents.
-Same probes, same expectation; the variance is ``2 sum_{i != j} G_ij^2`` instead of
+Same vectors, same expectation; the variance is ``2 sum_{i != j} G_ij^2`` instead of
 ``2 sum_{i != j} H_ij^2`` (``R`` lives entirely off the diagonal, so it adds no bias, only
 its own noise to ``z^T H z``; on the benchmark nets the two standard errors are equal).
 
-``exact_trace`` gives the value both converge to, probe-free; this estimator is for when a
-probe budget, a stopping rule or probes shared with another estimator are wanted, and for
+``exact_trace`` gives the value both converge to, exactly; this estimator is for when a
+vector budget, a stopping rule or vectors shared with another estimator are wanted, and for
 losses whose output Hessian has a large rank (many classes), where ``exact_trace`` needs one
 backward per direction.
 """
@@ -47,14 +47,14 @@ from graddyn.curvature._operator import HessianOperator
 from graddyn.curvature._trace import TraceEstimate, hutchinson_loop
 
 
-def ggn_hutchinson_trace(op: HessianOperator, max_probes: int = 100, *, batch_size: int = 10,
-                         rtol: float | None = None, min_probes: int = 10,
+def ggn_hutchinson_trace(op: HessianOperator, max_vectors: int = 100, *, batch_size: int = 10,
+                         rtol: float | None = None, min_vectors: int = 10,
                          generator: torch.Generator | None = None) -> TraceEstimate:
     """``tr(H)`` of a piecewise-linear network by Hutchinson's estimator on the Gauss-Newton
     part: ``(1/m) sum_i z_i^T G z_i`` with Rademacher ``z_i``, which has expectation ``tr(H)``
     here (see the module docstring). Arguments and stopping rule as
-    :func:`hutchinson_trace` (the same ``generator`` draws the same probes); each probe costs
-    one Jacobian-vector product (``batch_size`` probes vmapped per pass).
+    :func:`hutchinson_trace` (the same ``generator`` draws the same vectors); each vector costs
+    one Jacobian-vector product (``batch_size`` vectors vmapped per pass).
 
     Raises :class:`NotPiecewiseLinearError` (naming the module) for a network that is not
     piecewise linear in the selected parameters, where ``tr(G) != tr(H)``; ``ValueError``
@@ -74,15 +74,15 @@ def ggn_hutchinson_trace(op: HessianOperator, max_probes: int = 100, *, batch_si
                         "hutchinson_trace")
     forms = GaussNewtonForms(op)
     square = as_square(op)
-    return hutchinson_loop(forms, lambda k: square.probes(k, generator), max_probes,
-                           batch_size, rtol, min_probes)
+    return hutchinson_loop(forms, lambda k: square.random_vectors(k, generator), max_vectors,
+                           batch_size, rtol, min_vectors)
 
 
 class GaussNewtonForms:
     """``Z (P, K) -> (z_k^T G z_k)_k (K,)`` float64 for ``G`` the Gauss-Newton matrix of
     ``op``'s loss. Each batch's set-up (forward, linearity check, output Hessian factor and
     the ``r`` layer-output gradients ``delta``) is done on first use and kept, so it is paid
-    once per estimator call, not once per chunk of probes.
+    once per estimator call, not once per chunk of vectors.
 
     ``per_layer=True`` (default) reads ``J z`` from the layers' own tangents (module
     docstring); it needs what ``exact_trace`` needs (each selected parameter used in one call
@@ -239,7 +239,7 @@ class _Layers:
         return cls(kept, deltas, signs.T.contiguous().detach())
 
     def forms(self, Z: Tensor, op: HessianOperator) -> Tensor:
-        """Quadratic forms of the probes ``Z (P, K)`` on this batch -> (K,)."""
+        """Quadratic forms of the vectors ``Z (P, K)`` on this batch -> (K,)."""
         n, r = self.signs.shape
         out = []
         for Zc in Z.T.contiguous().split(op.chunk_size or Z.shape[1]):  # (k, P) rows
@@ -263,7 +263,7 @@ def _own_tangent(module: nn.Module, args: tuple, state: dict[str, Tensor], attrs
     ``tangents`` (each (k, *param.shape)) -> (N, k, E).
 
     Linear and Conv (one group) are affine in (weight, bias), so the tangent is the layer
-    itself with the probes' weights: the k probes go in as k x out channels of one matmul /
+    itself with the vectors' weights: the k vectors go in as k x out channels of one matmul /
     convolution (no primal pass, no forward-mode bookkeeping). Any other layer: a vmapped
     ``torch.func.jvp`` of the layer in its parameters."""
     v = dict(zip(attrs, tangents))
@@ -272,7 +272,7 @@ def _own_tangent(module: nn.Module, args: tuple, state: dict[str, Tensor], attrs
             and getattr(module, "groups", 1) == 1
             and getattr(module, "padding_mode", "zeros") == "zeros"):
         w = v["weight"]  # (k, out, *rest)
-        w2 = w.reshape(k * w.shape[1], *w.shape[2:])  # probes as extra output channels
+        w2 = w.reshape(k * w.shape[1], *w.shape[2:])  # vectors as extra output channels
         b = v["bias"].reshape(-1) if "bias" in v else None  # an unselected bias: no tangent
         if isinstance(module, nn.Linear):
             t = F.linear(x, w2, b)  # (N, *, k out)

@@ -61,11 +61,11 @@ class ModuleSpans:
     def __init__(self) -> None:
         self.spans: list[tuple[int, int, str]] = []  # (start, end, "name (Type)")
         self.by_module: dict[int, list[tuple[int, int]]] = {}  # id(module) -> its calls
-        self._probe = torch.ones((), requires_grad=True)
+        self._marker = torch.ones((), requires_grad=True)
 
     def now(self) -> int:
         with torch.enable_grad():
-            return (self._probe * 1.0).grad_fn._sequence_nr()  # type: ignore[union-attr]
+            return (self._marker * 1.0).grad_fn._sequence_nr()  # type: ignore[union-attr]
 
     @contextmanager
     def record(self, model: nn.Module) -> Iterator[ModuleSpans]:

@@ -33,12 +33,12 @@ class Square:
     dtype: torch.dtype
     device: torch.device
 
-    def probes(self, k: int, generator: torch.Generator | None) -> Tensor:
-        """``(dim, k)`` Rademacher (+-1) probes, drawn on the CPU for reproducibility.
+    def random_vectors(self, k: int, generator: torch.Generator | None) -> Tensor:
+        """``(dim, k)`` Rademacher (+-1) vectors, drawn on the CPU for reproducibility.
 
-        A transposed view of ``(k, dim)``, so each probe is one contiguous row (what the graph
+        A transposed view of ``(k, dim)``, so each vector is one contiguous row (what the graph
         mode of ``HessianOperator`` feeds to autograd). Drawn as 31 random bits per int32
-        ``randint`` draw: one draw per sign costs ~15 ns, 0.12 s for 25 probes of the 3x256
+        ``randint`` draw: one draw per sign costs ~15 ns, 0.12 s for 25 vectors of the 3x256
         MLP (as much as 40 of its Hessian-vector products); unpacking bits, 0.014 s."""
         n = k * self.dim
         words = torch.randint(0, 2**31, (-(-n // 31), 1), generator=generator,

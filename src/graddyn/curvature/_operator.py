@@ -72,25 +72,25 @@ class HessianOperator:
 
     - ``"graph"`` (reverse-over-reverse, PyHessian's scheme): build
       ``g = autograd.grad(L_b, theta, create_graph=True)`` once per batch, then one plain
-      double-backward per probe. Cost: one forward + backward to build, then ~2 backward
-      passes per probe. The graph of a batch is cached between calls while the operator has
+      double-backward per vector. Cost: one forward + backward to build, then ~2 backward
+      passes per vector. The graph of a batch is cached between calls while the operator has
       at most ``cache_batches`` batches and the weights are unchanged (any in-place update,
       e.g. an optimizer step, rebuilds it); with more batches each graph lives only while its
       batch is used, so memory is one batch's graph (~2-3x its activations) at a time.
     - ``"functional"`` (forward-over-reverse): ``H v = jvp(grad(L), (theta,), (v,))`` vmapped
-      over the ``K`` probes (``chunk_size`` at a time); recomputes forward + backward on every
+      over the ``K`` vectors (``chunk_size`` at a time); recomputes forward + backward on every
       call, keeps nothing; memory grows with the chunk.
 
     ``"auto"`` (default) uses ``"graph"`` for one vector per call (Lanczos, power iteration:
-    it saves the primal passes) and, for blocks of probes, ``"graph"`` on the CPU when one
+    it saves the primal passes) and, for blocks of vectors, ``"graph"`` on the CPU when one
     forward of the batch costs at least ``LOOP_MIN_FLOPS`` (0.5 GFLOP, counted once per batch
     in the Linear/Conv layers: 1.7x faster than vmapped on the MNIST CNN of
     ``benchmarks/curvature.py``) and ``"functional"`` otherwise (1.0-1.6x faster on its MLP,
-    3-7x on small nets, where a loop pays autograd's per-op overhead once per probe; on CUDA, the
-    vmapped jvp turns ``K`` probes into the wide batched matmuls a GPU needs, not measured
+    3-7x on small nets, where a loop pays autograd's per-op overhead once per vector; on CUDA, the
+    vmapped jvp turns ``K`` vectors into the wide batched matmuls a GPU needs, not measured
     here). Both modes agree to rounding.
 
-    For the trace of a piecewise-linear network, :func:`exact_trace` needs no probes at all.
+    For the trace of a piecewise-linear network, :func:`exact_trace` needs no vectors at all.
 
     Args:
         model: the network; its parameters are read at every call (so it tracks training).
@@ -100,7 +100,7 @@ class HessianOperator:
             ``["fc2.weight", "fc2.bias"]`` for the last layer; the others are held fixed.
         eval_mode: run the model in eval mode while computing (restores the mode afterwards).
             Required when the model has BatchNorm or Dropout in training mode.
-        chunk_size: probes per vmapped pass in functional mode (``None``: all at once).
+        chunk_size: vectors per vmapped pass in functional mode (``None``: all at once).
         mode: ``"auto"``, ``"graph"`` or ``"functional"`` (see above).
         cache_batches: in graph mode, keep the graphs between calls when the operator has at
             most this many batches (``0``: never keep them).
@@ -166,7 +166,7 @@ class HessianOperator:
         return self.matmat(v.reshape(-1, 1)).reshape(-1)
 
     def matmat(self, V: Tensor) -> Tensor:
-        """``H V`` for ``V`` of shape ``(P, K)``: all ``K`` probes in one vmapped pass."""
+        """``H V`` for ``V`` of shape ``(P, K)``: all ``K`` vectors in one vmapped pass."""
         if V.ndim != 2 or V.shape[0] != self.dim:
             raise ValueError(f"expected V of shape ({self.dim}, K), got {tuple(V.shape)}; "
                              "use matvec for a single vector")
@@ -234,7 +234,7 @@ class HessianOperator:
             if len(self.batches) <= self.cache_batches:
                 self._graphs[b] = graph
         rows = [torch.cat([h.reshape(-1) for h in graph.hvp(list(self._tangents(v)))])
-                for v in V.T.contiguous()]  # K x (P,); V.T is contiguous for our own probes
+                for v in V.T.contiguous()]  # K x (P,); V.T is contiguous for our own vectors
         return torch.stack(rows).T  # (P, K), a view of (K, P): no strided copy
 
     def _functional_matmat(self, x: Any, y: Tensor, V: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from graddyn.curvature._matmat import MatMat, Operator, as_square
 class TraceEstimate:
     """A trace estimate with its standard error.
 
-    value: the estimate.  std_error: sample std of the per-probe estimates / sqrt(probes)
+    value: the estimate.  std_error: sample std of the per-vector estimates / sqrt(vectors)
     (for Hutch++, of the residual part; the low-rank part is exact given its sketch).
     num_matvecs: mat-vecs spent.  converged: the stopping rule (``rtol``) was met.
     """
@@ -35,20 +35,20 @@ def _check_budget(name: str, value: int, least: int) -> None:
         raise ValueError(f"{name} must be >= {least}, got {value}")
 
 
-def hutchinson_trace(A: Tensor | Operator | MatMat, max_probes: int = 100, *,
-                     batch_size: int = 10, rtol: float | None = None, min_probes: int = 10,
+def hutchinson_trace(A: Tensor | Operator | MatMat, max_vectors: int = 100, *,
+                     batch_size: int = 10, rtol: float | None = None, min_vectors: int = 10,
                      dim: int | None = None,
                      generator: torch.Generator | None = None) -> TraceEstimate:
     """Hutchinson's estimator ``tr(A) ~ (1/m) sum_i z_i^T A z_i`` with Rademacher ``z_i``.
 
     Hutchinson (1989), "A stochastic estimator of the trace of the influence matrix for
     Laplacian smoothing splines"; as used for Hessians by Yao et al. (2020), PyHessian.
-    Probes go ``batch_size`` at a time through ``A.matmat`` ((P, batch_size) per call). With
-    ``rtol`` it stops once ``min_probes`` are drawn and ``SE < rtol * |estimate|``, where
-    ``SE = std(z_i^T A z_i) / sqrt(m)``; otherwise it uses all ``max_probes``.
+    Vectors go ``batch_size`` at a time through ``A.matmat`` ((P, batch_size) per call). With
+    ``rtol`` it stops once ``min_vectors`` are drawn and ``SE < rtol * |estimate|``, where
+    ``SE = std(z_i^T A z_i) / sqrt(m)``; otherwise it uses all ``max_vectors``.
     Variance: ``2 (||A||_F^2 - sum_i A_ii^2) / m``. Cost: ``m`` mat-vecs. For the Hessian of a
     piecewise-linear network (ReLU, max-pooling, ...), :func:`exact_trace` gives the value this
-    converges to, without probes and typically for the cost of ~3 probes.
+    converges to, without random vectors and typically for the cost of ~3 vectors.
 
     Args:
         A: a ``(P, P)`` tensor, an operator (``HessianOperator``), or a callable mat-mat
@@ -59,25 +59,26 @@ def hutchinson_trace(A: Tensor | Operator | MatMat, max_probes: int = 100, *,
         6.0
     """
     op = as_square(A, dim)
-    return hutchinson_loop(lambda Z: (Z * op.matmat(Z)).sum(0), lambda k: op.probes(k, generator),
-                           max_probes, batch_size, rtol, min_probes)
+    return hutchinson_loop(lambda Z: (Z * op.matmat(Z)).sum(0),
+                           lambda k: op.random_vectors(k, generator),
+                           max_vectors, batch_size, rtol, min_vectors)
 
 
 def hutchinson_loop(forms: Callable[[Tensor], Tensor], draw: Callable[[int], Tensor],
-                    max_probes: int, batch_size: int, rtol: float | None,
-                    min_probes: int) -> TraceEstimate:
-    """Hutchinson's loop with its stopping rule: ``draw(k)`` gives ``(P, k)`` probes and
+                    max_vectors: int, batch_size: int, rtol: float | None,
+                    min_vectors: int) -> TraceEstimate:
+    """Hutchinson's loop with its stopping rule: ``draw(k)`` gives ``(P, k)`` vectors and
     ``forms(Z)`` their quadratic forms ``(k,)``; see :func:`hutchinson_trace`."""
-    _check_budget("max_probes", max_probes, 2)
+    _check_budget("max_vectors", max_vectors, 2)
     _check_budget("batch_size", batch_size, 1)
     samples: list[Tensor] = []
     m = 0
-    while m < max_probes:
-        k = min(batch_size, max_probes - m)
+    while m < max_vectors:
+        k = min(batch_size, max_vectors - m)
         samples.append(forms(draw(k)).detach().to(torch.float64).cpu())
         m += k
         est, se = _mean_se(torch.cat(samples))
-        if rtol is not None and m >= min_probes and se <= rtol * abs(est):
+        if rtol is not None and m >= min_vectors and se <= rtol * abs(est):
             return TraceEstimate(est, se, m, True)
     est, se = _mean_se(torch.cat(samples))
     return TraceEstimate(est, se, m, False)
@@ -105,9 +106,9 @@ def hutchpp_trace(A: Tensor | Operator | MatMat, num_matvecs: int = 99, *,
     _check_budget("num_matvecs", num_matvecs, 6)
     op = as_square(A, dim)
     k = num_matvecs // 3
-    Q, _ = torch.linalg.qr(op.matmat(op.probes(k, generator)))
+    Q, _ = torch.linalg.qr(op.matmat(op.random_vectors(k, generator)))
     low = (Q * op.matmat(Q)).sum().item()
-    G = op.probes(k, generator)
+    G = op.random_vectors(k, generator)
     G = G - Q @ (Q.T @ G)  # (I - QQ^T) G; A is symmetric so one projection per side suffices
     est, se = _mean_se((G * op.matmat(G)).sum(0).detach().to(torch.float64).cpu())
     return TraceEstimate(low + est, se, 3 * k, False)
