@@ -1,4 +1,4 @@
-"""The plan cache: the probe runs once per model structure, and a changed structure (another
+"""The plan cache: the layout check runs once per model structure, and a changed structure (another
 loss, another use of a parameter) gets a new plan instead of a stale one."""
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ def ce(out, y):
 class Counting:
     def __init__(self, monkeypatch):
         self.n = 0
-        real = P.Prober.run
+        real = P.LayoutCheck.run
 
-        def run(prober, edges):
+        def run(layout_check, edges):
             self.n += 1
-            return real(prober, edges)
+            return real(layout_check, edges)
 
-        monkeypatch.setattr(P.Prober, "run", run)
+        monkeypatch.setattr(P.LayoutCheck, "run", run)
 
 
 def _gram(model, x, loss, **kw):
@@ -40,7 +40,7 @@ def _ref_gram(model, x, loss):
     return flat @ flat.T
 
 
-def test_probe_runs_once_per_structure(monkeypatch):
+def test_layout_check_runs_once_per_structure(monkeypatch):
     count = Counting(monkeypatch)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     y = torch.randint(0, 3, (6,))

@@ -13,7 +13,7 @@ How it works (details in each module's docstring):
 - ``_record``: forward hooks record each call of the modules that own captured parameters
   (and of their ancestors): inputs, outputs, and the outputs' gradient edges.
 - ``_walk`` / ``_plan`` / ``_layout``: once per model structure, a walk of the autograd graph
-  and a two-pass probe decide where the examples lie in every recorded tensor (never assumed:
+  and a two-pass layout check decide where the examples lie in every recorded tensor (never assumed:
   any layout, shared positions, coupling), which calls a closed-form rule serves, and which
   parameter uses need the exact path.
 - ``_capture``: ONE ``torch.autograd.grad(losses, outputs)``; row n of each output gradient,

@@ -4,7 +4,7 @@ Forward hooks record every call of the modules that own captured parameters and 
 ancestors (``_record``). ``Capture.backward`` then
 
 1. walks the graph of the losses (``_walk``) and looks up the plan of this graph's structure
-   (``_plan``; made once, with the probe of ``_layout`` that establishes where the examples
+   (``_plan``; made once, with the layout check of ``_layout`` that establishes where the examples
    lie in every recorded tensor: never assumed);
 2. runs ONE ``torch.autograd.grad`` from the losses to the outputs of the rule calls (and the
    sources of the exact path): row n of each gradient, in its layout, is example n's own;
@@ -213,7 +213,7 @@ class Capture:
         ``scale=1/B`` makes ``grads.sum()`` equal the gradient of ``losses.mean()``.
         ``p.grad`` is not touched. Cost: one backward that stops at the recorded outputs (no
         weight gradients) plus the rules; the first step of a new model structure also runs
-        the probe (two more backward passes). With ``retain_graph=True`` the records are kept
+        the layout check (two more backward passes). With ``retain_graph=True`` the records are kept
         too, so ``backward`` may be called again on other losses of the same forward.
         """
         self._check_ready(losses, scale)
@@ -224,7 +224,7 @@ class Capture:
                                "forward (e.g. nn.ReLU(inplace=True) on a layer's input); the "
                                "recorded values are stale. Fix: use out-of-place ops "
                                "(inplace=False).")
-        plan, prober, final = self._plan(losses, scale)
+        plan, layout_check, final = self._plan(losses, scale)
         b = losses.shape[0]
         k = 1 if self.mode == "loss" else int(losses[0].numel())
         keep = retain_graph or bool(plan.exact or plan.book_params or plan.book_calls)
@@ -235,8 +235,8 @@ class Capture:
         edges = rule_edges + list(dict.fromkeys(srcs.values()))
         if not edges:
             grads = []
-        elif prober is not None and self.mode == "loss":  # the probe computed them already
-            grads = [prober.grad[ekey(e)] for e in edges]
+        elif layout_check is not None and self.mode == "loss":  # computed by the check
+            grads = [layout_check.grad[ekey(e)] for e in edges]
         else:
             grads = output_grads(losses, edges, self.mode, scale, keep)
         got = dict(zip(map(ekey, edges), grads))
@@ -307,7 +307,7 @@ class Capture:
                                "backward().")
 
     def _plan(self, losses: Tensor, scale: float) -> tuple[Plan, object, Walk | None]:
-        """The cached plan of this graph's structure, or a new one (with its prober)."""
+        """The cached plan of this graph's structure, or a new one (with its layout_check)."""
         calls = self._calls
         root = edge_of(losses).node
         cand = candidate_rules(calls, self.mode)
@@ -324,7 +324,7 @@ class Capture:
             if final is None and needs:
                 final = walk(root, jumps_of(calls, plan.jumps), self._pos)
             return plan, None, final
-        plan, prober, final = analyse(calls, losses, scale, self._pos, self._reason,
+        plan, layout_check, final = analyse(calls, losses, scale, self._pos, self._reason,
                                       self._captured, bookkeep=self.mode == "loss")
         if plan.exact:
             reasons = {self._names[p]: r for p, r in plan.exact.items()}
@@ -333,7 +333,7 @@ class Capture:
             warnings.warn(exact_path_message(reasons, losses.shape[0]), ExactPathWarning,
                           stacklevel=3)
         cache[key] = plan
-        return plan, prober, final
+        return plan, layout_check, final
 
     def _reason(self, pid: int, active: set[int], demoted: set[int]) -> str:
         """Why parameter ``pid`` takes the exact path, for the warning."""
@@ -490,7 +490,7 @@ def capture(model: nn.Module, params: object = None, mode: str = "loss",
             targets, ... ``scale=1/B`` with B the global batch makes ``sum()`` the mean.
 
     Every per-example tensor's layout (which dimension holds the examples) is established by
-    a probe on the first step of a model structure, never assumed: sequence-first layers,
+    a layout check on the first step of a model structure, never assumed: sequence-first layers,
     shared positional inputs and losses that mix examples are all exact. A training loop can
     keep one capture open and call ``cap.rearm()`` before each step's forward (the hooks are
     installed once; nothing is recorded between ``backward()`` and ``rearm()``).

@@ -9,7 +9,7 @@ such a module runs under a capture, a ``TorchFunctionMode`` active during its fo
 records each call of ``F.linear``, ``F.embedding``, ``F.layer_norm``, ``F.group_norm`` or
 ``F.conv1d/2d/3d`` whose weight is one of the module's own captured parameters (or, for
 ``F.linear``, a plain row slice of one) as a *functional rule call*: the rule of the
-matching layer then serves it like a module call, at the layout the probe establishes. For
+matching layer then serves it like a module call, at the layout the layout check establishes. For
 ``nn.MultiheadAttention``, whose forward hands everything to one torch function, that
 function is redirected to a copy of itself whose ``linear`` records. Anything else the module
 does with its parameters is found by the graph walk and served by book-keeping or the exact

@@ -1,4 +1,4 @@
-"""Where the examples of a batch sit in a recorded tensor, and the probe that establishes it.
+"""Where the examples of a batch sit in a recorded tensor, and the layout check that establishes it.
 
 The engine never assumes that dimension 0 is the batch. For every tensor whose gradient it
 reads (module outputs, frontier tensors of the exact path), a :class:`Layout` says along which
@@ -67,7 +67,7 @@ class Layout:
 FIRST = Layout(0)
 
 
-def probe_seeds(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+def check_seeds(b: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(B,) distinct powers of two where possible (2^-12 .. 2^12; 2^-4 .. 2^4 for float16,
     whose range is narrow), in a fixed pseudo-random order."""
     reach = 4 if dtype == torch.float16 else 12

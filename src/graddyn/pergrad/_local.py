@@ -25,7 +25,7 @@ Two ways to run the paths:
 - *book-keeping* (``mode="book"``): one pass with the whole gradients. Where the autograd
   engine would sum a gradient over a broadcast of the examples (a norm's ``w * x_hat``, a
   layer scale, ``x + pos``, ``cls_token.expand(B, ...)``), the pass instead keeps example n's
-  part apart (the examples' dimension there is found by the probe's two seeds, ``trace``
+  part apart (the examples' dimension there is found by the layout check's two seeds, ``trace``
   mode) and continues per example on the small tensors below. Cost: about one backward of
   the nodes in between. The plan uses it for a parameter (or a rule call whose output is
   shared by the examples) only where it reproduced the exact path on the first step.

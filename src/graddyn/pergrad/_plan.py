@@ -4,7 +4,7 @@ structure and reused while the structure stays the same.
 1. *Rule calls*: recorded calls of modules with a closed-form rule (``_rules``) that accepts
    the call. The graph walk (``_walk``) jumps past them; every captured parameter it still
    reaches is *stray*: used where no rule serves it.
-2. The probe (``_layout``) establishes, from two backward passes, where the examples lie in
+2. The layout check (``_layout``) establishes, from two backward passes, where the examples lie in
    each recorded output and in the tensors just above the stray uses. A rule call whose output
    is not per-example in the way its rule needs (shared positions, coupled statistics, an
    unbatched call, a loss that mixes examples) is *demoted*: the walk then goes through it
@@ -27,13 +27,13 @@ from torch import Tensor
 
 from ._errors import CaptureError
 from ._grads import NOT_FROM_CAPTURE
-from ._layout import Layout, find_layout, probe_seeds
+from ._layout import Layout, check_seeds, find_layout
 from ._record import Call, ekey
 from ._walk import Walk, walk
 
 Node = object
 Edge = tuple  # (autograd node, output nr)
-MAX_PROBE_ROUNDS = 4
+MAX_CHECK_ROUNDS = 4
 MAX_UPWARD_EDGES = 512  # per analysis; beyond it the exact path starts higher (slower, exact)
 
 
@@ -93,8 +93,8 @@ def candidate_rules(calls: list[Call], mode: str = "loss") -> list[int]:
     return out
 
 
-def layouts_of(call: Call, prober: Prober) -> list:
-    return [prober.layout.get(ekey(e)) for e in call.edges]
+def layouts_of(call: Call, layout_check: LayoutCheck) -> list:
+    return [layout_check.layout.get(ekey(e)) for e in call.edges]
 
 
 def acceptable(call: Call, layouts: list) -> bool:
@@ -116,19 +116,19 @@ def acceptable(call: Call, layouts: list) -> bool:
             and x.shape[lay.dim] == out.shape[lay.dim])
 
 
-class Prober:
-    """Runs the probe on batches of edges and keeps what it found (layouts, and the gradient
+class LayoutCheck:
+    """Runs the layout check on batches of edges and keeps what it found (layouts, and the gradient
     for the seed of ones, which the engine reuses as its own output gradient)."""
 
     def __init__(self, losses: Tensor, scale: float) -> None:
         self.losses, self.scale = losses, scale
         self.b = losses.shape[0]
-        self.v = probe_seeds(self.b, losses.dtype, losses.device)
+        self.v = check_seeds(self.b, losses.dtype, losses.device)
         self.layout: dict[Edge, Layout | str | None] = {}
         self.grad: dict[Edge, Tensor | None] = {}
 
     def seed_grad(self, e: Edge, lay: Layout | None = None) -> Tensor:
-        """The probed gradient of edge ``e`` for the seed of ones, or (``lay`` given) for the
+        """The check's gradient of edge ``e`` for the seed of ones, or (``lay`` given) for the
         seed ``v``: the same gradient scaled by ``v_n`` on example n's slice."""
         if e[0] is self.losses.grad_fn and e[1] == self.losses.output_nr:
             g = torch.full_like(self.losses, self.scale)
@@ -184,10 +184,10 @@ def _starts(w: Walk, nodes: list[Node], root: Edge) -> list[Edge]:
     return out + [(n, nr) for n in nodes for _, nr in w.parents.get(n, ())]
 
 
-def frontier(w: Walk, starts: list[Edge], prober: Prober, root: Edge
+def frontier(w: Walk, starts: list[Edge], layout_check: LayoutCheck, root: Edge
              ) -> tuple[dict[Edge, Layout], set[Edge]]:
     """The lowest per-example edges at or above ``starts`` on every path up to the losses
-    ({edge: layout}), and the edges met on the way that were never probed."""
+    ({edge: layout}), and the edges met on the way that were never checked."""
     sources: dict[Edge, Layout] = {}
     missing: set[Edge] = set()
     seen: set[Edge] = set()
@@ -200,7 +200,7 @@ def frontier(w: Walk, starts: list[Edge], prober: Prober, root: Edge
         if e == root:
             sources[e] = Layout(0)
             continue
-        lay = prober.layout.get(e, "missing")
+        lay = layout_check.layout.get(e, "missing")
         if lay == "unused":
             continue
         if isinstance(lay, Layout):
@@ -215,10 +215,10 @@ def frontier(w: Walk, starts: list[Edge], prober: Prober, root: Edge
     return sources, missing
 
 
-def _converge(calls: list[Call], root: Edge, prober: Prober, captured: dict[int, int],
+def _converge(calls: list[Call], root: Edge, layout_check: LayoutCheck, captured: dict[int, int],
               active: set[int], extra: list[int], kept: frozenset[int] = frozenset()
               ) -> tuple[Walk, set[int]]:
-    """Demote rule calls until every active one reads per-example output gradients; probe
+    """Demote rule calls until every active one reads per-example output gradients; check
     the edges the frontiers of the stray uses (and above the outputs of the calls ``extra``)
     need. Calls in ``kept`` (book-kept) are jumped and never demoted."""
     out_nodes = {e.node for c in calls for e in c.edges}
@@ -227,17 +227,17 @@ def _converge(calls: list[Call], root: Edge, prober: Prober, captured: dict[int,
         w = walk(root[0], jumps_of(calls, active | kept), captured, parents=True)
         todo = [ekey(e) for c in calls for e in c.edges]
         todo += _upward(w, _consumers(w, set(w.stray)), out_nodes, MAX_UPWARD_EDGES)
-        prober.run(todo)
-        demote = {i for i in active if not acceptable(calls[i], layouts_of(calls[i], prober))}
+        layout_check.run(todo)
+        demote = {i for i in active if not acceptable(calls[i], layouts_of(calls[i], layout_check))}
         if demote:
             active = active - demote
             continue
         starts = _starts(w, _consumers(w, set(w.stray)), root)
         starts += [ekey(calls[i].edges[0]) for i in extra]
-        _, missing = frontier(w, starts, prober, root)
-        if missing and rounds < MAX_PROBE_ROUNDS:
+        _, missing = frontier(w, starts, layout_check, root)
+        if missing and rounds < MAX_CHECK_ROUNDS:
             rounds += 1
-            prober.run(list(missing))
+            layout_check.run(list(missing))
             continue
         return w, active
 
@@ -247,7 +247,7 @@ def _close(a: Tensor, b: Tensor) -> bool:
     return float((a - b).abs().max()) <= tol * max(float(b.abs().max()), 1e-30)
 
 
-def _bookkeeping(sources: dict[Edge, Layout], prober: Prober, calls: list[Call],
+def _bookkeeping(sources: dict[Edge, Layout], layout_check: LayoutCheck, calls: list[Call],
                  targets: set[int], stops: list[int], internal: dict[int, set[Node]],
                  params: dict[int, Tensor]) -> tuple[list, dict, set]:
     """Learn a book-keeping pass from ``sources`` to ``targets`` (param ids) and the outputs
@@ -268,17 +268,17 @@ def _bookkeeping(sources: dict[Edge, Layout], prober: Prober, calls: list[Call],
     shapes = {**{pid: tuple(params[pid].shape) for pid in targets},
               **{e: tuple(calls[i].outputs[0].shape) for e, i in stop_edge.items()}}
     graph = LocalGraph(srcs, targets, internal, set(stop_edge))
-    g1 = [prober.seed_grad(e) for e in srcs]
-    gv = [prober.seed_grad(e, sources[e]) for e in srcs]
+    g1 = [layout_check.seed_grad(e) for e in srcs]
+    gv = [layout_check.seed_grad(e, sources[e]) for e in srcs]
     try:
-        layouts, final = learn_book(graph, g1, gv, prober.v, shapes)
-        got = book(graph, g1, layouts, final, prober.b, shapes)
+        layouts, final = learn_book(graph, g1, gv, layout_check.v, shapes)
+        got = book(graph, g1, layouts, final, layout_check.b, shapes)
     except NotSeparable:
         return [], {}, set()
-    exact_src = [losses_source(prober.losses, prober.scale, prober.b)
-                 if e[0] is prober.losses.grad_fn and e[1] == prober.losses.output_nr
-                 else edge_source(e, g, sources[e], prober.b, 1) for e, g in zip(srcs, g1)]
-    exact = local_grads(exact_src, {p: params[p] for p in targets}, internal, prober.b,
+    exact_src = [losses_source(layout_check.losses, layout_check.scale, layout_check.b)
+                 if e[0] is layout_check.losses.grad_fn and e[1] == layout_check.losses.output_nr
+                 else edge_source(e, g, sources[e], layout_check.b, 1) for e, g in zip(srcs, g1)]
+    exact = local_grads(exact_src, {p: params[p] for p in targets}, internal, layout_check.b,
                         {e: shapes[e] for e in stop_edge})
     keys = {k for k in got if k in exact and _close(got[k], exact[k])}
 
@@ -290,44 +290,46 @@ def _bookkeeping(sources: dict[Edge, Layout], prober: Prober, calls: list[Call],
 
 def analyse(calls: list[Call], losses: Tensor, scale: float, captured: dict[int, int],
             reason: Callable[[int, set[int], set[int]], str], params: dict[int, Tensor],
-            bookkeep: bool = True) -> tuple[Plan, Prober, Walk]:
-    """The plan for this step's graph (see the module docstring), the prober (whose gradients
+            bookkeep: bool = True) -> tuple[Plan, LayoutCheck, Walk]:
+    """The plan for this step's graph (see the module docstring), the layout_check (whose gradients
     for the seed of ones the engine reuses) and the final walk (for node positions)."""
     from ._record import edge_of
 
     root = ekey(edge_of(losses))
-    prober = Prober(losses, scale)
+    layout_check = LayoutCheck(losses, scale)
     cand = candidate_rules(calls, "loss" if bookkeep else "output")
-    w, active = _converge(calls, root, prober, captured, set(cand), [])
+    w, active = _converge(calls, root, layout_check, captured, set(cand), [])
     demoted = set(cand) - active
     book_calls = None
     eligible = sorted(i for i in demoted if calls[i].rule.batch_of(calls[i].module) == "leading"
                       and len(calls[i].outputs) == 1)
     if bookkeep and eligible:
-        w, _ = _converge(calls, root, prober, captured, active, eligible)
-        call_sources, _ = frontier(w, [ekey(calls[i].edges[0]) for i in eligible], prober, root)
-        layouts, final, keys = _bookkeeping(call_sources, prober, calls, set(), eligible, {},
+        w, _ = _converge(calls, root, layout_check, captured, active, eligible)
+        starts = [ekey(calls[i].edges[0]) for i in eligible]
+        call_sources, _ = frontier(w, starts, layout_check, root)
+        layouts, final, keys = _bookkeeping(call_sources, layout_check, calls, set(), eligible, {},
                                             params)
         kept = frozenset(i for _, i in keys)
         if kept:
-            w, active = _converge(calls, root, prober, captured, active, [], kept)
+            w, active = _converge(calls, root, layout_check, captured, active, [], kept)
             book_calls = Book(_refs(call_sources, root, calls, w), layouts, final, set(keys),
                               frozenset(), tuple(eligible))
     kept_calls = {i for _, i in book_calls.keys} if book_calls else set()
     stray = set(w.stray)
     jumps = active | kept_calls
     internal_idx = {pid: [i for i in sorted(jumps) if _owns(calls[i], pid)] for pid in stray}
-    sources, _ = frontier(w, _starts(w, _consumers(w, stray), root), prober, root)
+    sources, _ = frontier(w, _starts(w, _consumers(w, stray), root), layout_check, root)
     book_params = None
     if bookkeep and stray:
         internal = {pid: set().union(*(internal_nodes(calls[i]) for i in idx))
                     for pid, idx in internal_idx.items()}
-        layouts, final, keys = _bookkeeping(sources, prober, calls, stray, [], internal, params)
+        layouts, final, keys = _bookkeeping(sources, layout_check, calls, stray, [], internal,
+                                            params)
         if keys:
             book_params = Book(_refs(sources, root, calls, w), layouts, final, keys,
                                frozenset(stray))
     served = book_params.keys if book_params else set()
-    rules = [(i, layouts_of(calls[i], prober)) for i in sorted(active)]
+    rules = [(i, layouts_of(calls[i], layout_check)) for i in sorted(active)]
     exact = {pid: reason(pid, active, demoted - kept_calls)
              for pid in sorted(stray - served, key=captured.get)}
     if all(lay == "unused" for _, lays in rules for lay in lays) and not (
@@ -338,7 +340,7 @@ def analyse(calls: list[Call], losses: Tensor, scale: float, captured: dict[int,
     plan = Plan(rules, exact, _refs(sources, root, calls, w),
                 {k: v for k, v in internal_idx.items() if v}, tuple(sorted(jumps)),
                 book_params=book_params, book_calls=book_calls)
-    return plan, prober, w
+    return plan, layout_check, w
 
 
 def _refs(sources: dict[Edge, Layout], root: Edge, calls: list[Call], w: Walk
