@@ -85,11 +85,20 @@ def test_recurrent(exact, cell, bf, layers, bi, train):
 
     def loss(m):
         out, h = m(x, (h0, h0) if cell is nn.LSTM else h0)
+        c = h[1] if isinstance(h, tuple) else h * 0
         h = h[0] if isinstance(h, tuple) else h
-        return seq_loss(out, y, bf) + h[-1].sum(1)  # the sequence and the last hidden state
+        # the sequence, the last hidden state and (LSTM) the first layer's last cell
+        return seq_loss(out, y, bf) + h[-1].sum(1) + c[0].square().sum(1)
 
     slow = None if (layers > 1 and train) else set()  # None: some or all via the exact path
     exact(rnn, loss, exact_path=slow, strategies=("auto", "ghost", "materialize"))
+
+
+@pytest.mark.parametrize("bf", [True, False], ids=["batch_first", "seq_first"])
+def test_relu_rnn(exact, bf):
+    rnn = nn.RNN(D, 5, num_layers=2, nonlinearity="relu", bidirectional=True, batch_first=bf)
+    x, y = inputs(B, bf)
+    exact(rnn, lambda m: seq_loss(m(x)[0], y, bf), exact_path=set())
 
 
 def test_lstm_projection_and_out_only(exact):

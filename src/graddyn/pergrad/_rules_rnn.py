@@ -9,11 +9,12 @@ into their input part gi_t = W_ih x_t + b_ih and hidden part gh_t = W_hh h_{t-1}
 
 so each weight's per-example gradient is a factored ``Outer`` over the T steps, like a Linear
 layer's over positions. The fused kernel does not expose gi, gh: the rule recomputes the
-layer step by step on the recorded input and initial state (the same arithmetic as the cell
-definitions in the PyTorch docs) and takes ONE backward of the recorded output gradients
-(``out``, ``h_n``, ``c_n``) to every step's gi and gh, whose rows are per example because the
-examples of a recurrent layer never meet. Cost: one forward and backward of the layer in
-Python steps (slower than the fused kernel, far cheaper than B of them).
+layer step by step on the recorded input and initial state (the cell definitions of the
+PyTorch docs), keeping every step's gate activations, then runs the hand-written backward of
+those cells from the recorded output gradients (``out``, ``h_n``, ``c_n``) to every step's
+gi and gh, whose rows are per example because the examples of a recurrent layer never meet.
+Cost: one forward and backward of the layer step by step, without autograd: about the fused
+kernel's own arithmetic (two small matrix products per step), far cheaper than B of them.
 
 Not served (the exact path takes over): packed sequences, unbatched calls, and inter-layer
 dropout in training mode (its masks are drawn inside the fused kernel).
@@ -43,115 +44,173 @@ def _accepts(m: nn.RNNBase, layouts: list) -> bool:
     return all(lay == "unused" or lay == w for lay, w in zip(layouts, want))
 
 
-def _tracked(t: Tensor) -> Tensor:
-    """``t`` as a tensor whose gradient autograd can return: kept in the graph when it is
-    already part of it (a later step or layer), else a leaf that requires it."""
-    return t if t.requires_grad else t.requires_grad_(True)
+def _forward(m: nn.RNNBase, layer_in: Tensor, w: dict, h: Tensor, c: Tensor | None,
+             steps: range) -> dict:
+    """One direction of one layer, step by step without autograd, keeping what its backward
+    needs (N examples, T steps, time-indexed): ``hprev`` (N, T, P) the state each step reads,
+    ``act`` the gate activations (LSTM: i, f, g, o (N, T, 4H); GRU: r, z, n (N, T, 3H)), ``c``
+    (N, T, H) the LSTM cell, ``hn`` (N, T, H) the GRU's W_hn h + b_hn, ``hf`` (N, T, H) the
+    LSTM state before its projection, ``out`` (N, T, P) and the last ``h`` / ``c``."""
+    n, t_len = layer_in.shape[:2]
+    gi = F.linear(layer_in, w["ih"], w["b_ih"])  # (N, T, G): the input part of every step
+    st = {"gi": gi, "hprev": layer_in.new_empty(n, t_len, h.shape[-1]),
+          "act": torch.empty_like(gi), "out": layer_in.new_empty(n, t_len, h.shape[-1])}
+    if m.mode == "LSTM":
+        st["c"] = layer_in.new_empty(n, t_len, c.shape[-1])
+        if w["hr"] is not None:
+            st["hf"] = layer_in.new_empty(n, t_len, c.shape[-1])
+    if m.mode == "GRU":
+        st["hn"] = layer_in.new_empty(n, t_len, h.shape[-1])
+    relu = getattr(m, "nonlinearity", "tanh") == "relu"
+    for t in steps:
+        st["hprev"][:, t] = h
+        gh = F.linear(h, w["hh"], w["b_hh"])  # (N, G)
+        a = st["act"][:, t]
+        if m.mode == "LSTM":
+            pre, hs = gi[:, t] + gh, c.shape[-1]
+            torch.sigmoid(pre, out=a)
+            a[:, 2 * hs:3 * hs] = torch.tanh(pre[:, 2 * hs:3 * hs])  # the cell input g
+            i, f, g, o = a.chunk(4, -1)
+            c = f * c + i * g
+            st["c"][:, t] = c
+            h = o * torch.tanh(c)
+            if w["hr"] is not None:
+                st["hf"][:, t] = h
+                h = F.linear(h, w["hr"])
+        elif m.mode == "GRU":
+            hs = h.shape[-1]
+            gir, giz, gin = gi[:, t].split(hs, -1)
+            ghr, ghz, ghn = gh.split(hs, -1)
+            r, z = torch.sigmoid(gir + ghr), torch.sigmoid(giz + ghz)
+            nn_ = torch.tanh(gin + r * ghn)
+            a.copy_(torch.cat([r, z, nn_], -1))
+            st["hn"][:, t] = ghn
+            h = (1 - z) * nn_ + z * h
+        else:
+            h = torch.relu(gi[:, t] + gh) if relu else torch.tanh(gi[:, t] + gh)
+            a.copy_(h)
+        st["out"][:, t] = h
+    st["h"], st["c_last"] = h, c
+    return st
 
 
-def _step(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None,
-          nonlin: str) -> tuple[Tensor, Tensor | None]:
-    """One cell step from the two pre-activation parts -> (h_full, c)."""
-    if mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    if mode == "GRU":
-        ir, iz, in_ = gi.chunk(3, -1)
-        hr, hz, hn = gh.chunk(3, -1)
-        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(in_ + r * hn)
-        return (1 - z) * n + z * h, None
-    pre = gi + gh
-    return (torch.tanh(pre) if nonlin == "tanh" else torch.relu(pre)), None
+def _backward(m: nn.RNNBase, st: dict, w: dict, c0: Tensor | None, dout: Tensor,
+              dh: Tensor, dc: Tensor | None, steps: range) -> tuple[Tensor, Tensor, Tensor]:
+    """Back through one direction of one layer: ``dout`` (N, T, P) the gradient of its
+    outputs, ``dh`` / ``dc`` of its last state -> the gradients of the input and hidden parts
+    of every step's gate pre-activations, dgi and dgh (N, T, G), and of the projection's
+    output, dr (N, T, P) (LSTM with proj_size; else empty). Examples never meet: row n of
+    each is example n's own."""
+    act, hprev = st["act"], st["hprev"]
+    dgi = torch.empty_like(act)
+    dgh = dgi if m.mode != "GRU" else torch.empty_like(act)  # the same for LSTM and RNN
+    dr = torch.empty_like(dout) if "hf" in st else dout[:, :0]
+    relu = getattr(m, "nonlinearity", "tanh") == "relu"
+    order = list(steps)
+    for k in range(len(order) - 1, -1, -1):
+        t = order[k]
+        dh = dout[:, t] + dh
+        if m.mode == "LSTM":
+            if "hf" in st:
+                dr[:, t] = dh
+                dh = dh @ w["hr"]  # (N, H): the gradient of the state before projection
+            i, f, g, o = act[:, t].chunk(4, -1)
+            c_prev = st["c"][:, order[k - 1]] if k else c0
+            tc = torch.tanh(st["c"][:, t])
+            dc = dc + dh * o * (1 - tc * tc)
+            dz = dgi[:, t]
+            torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                       dh * tc * o * (1 - o)], -1, out=dz)
+            dc, carry = dc * f, None
+        elif m.mode == "GRU":
+            r, z, nn_ = act[:, t].chunk(3, -1)
+            dpn = dh * (1 - z) * (1 - nn_ * nn_)
+            dpz = dh * (hprev[:, t] - nn_) * z * (1 - z)
+            dpr = dpn * st["hn"][:, t] * r * (1 - r)
+            torch.cat([dpr, dpz, dpn], -1, out=dgi[:, t])
+            torch.cat([dpr, dpz, dpn * r], -1, out=dgh[:, t])
+            dz, carry = dgh[:, t], dh * z  # h' = (1 - z) n + z h reads h directly too
+        else:
+            h = act[:, t]
+            dz = dgi[:, t]
+            torch.mul(dh, (h > 0).to(h.dtype) if relu else 1 - h * h, out=dz)
+            carry = None
+        dh = dz @ w["hh"]  # (N, P): to the previous step's state
+        if carry is not None:
+            dh = dh + carry
+    return dgi, dgh, dr
 
 
 @register_rule(nn.LSTM, applies=_applies, accepts=_accepts)
 def rnn_rule(m: nn.RNNBase, call: RuleCall) -> list[Use]:
     """Per-example factors of every weight of the layer; see the module docstring."""
-    x = call.args[0].detach()
+    wdt = m.weight_ih_l0.dtype
+    x = call.args[0].detach().to(wdt)
     if not m.batch_first:
         x = x.transpose(0, 1)  # (N, T, D)
     n, t_len = x.shape[:2]
     dirs = 2 if m.bidirectional else 1
     h_size = m.proj_size if m.proj_size > 0 else m.hidden_size
     hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
-    if isinstance(hx, tuple):
-        h0, c0 = hx
-    else:
-        h0, c0 = hx, None
-    h0 = x.new_zeros(m.num_layers * dirs, n, h_size) if h0 is None else h0.detach()
-    if m.mode == "LSTM" and c0 is None:
-        c0 = x.new_zeros(m.num_layers * dirs, n, m.hidden_size)
-    nonlin = getattr(m, "nonlinearity", "tanh")
-    wanted = call.wanted
-    grads_in, records, outs_h, outs_c = [], [], [], []
-    layer_in = x
-    with torch.enable_grad():
-        for layer in range(m.num_layers):
-            per_dir = []
-            for d in range(dirs):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w_ih, w_hh = getattr(m, "weight_ih" + sfx).detach(), getattr(m, "weight_hh"
-                                                                              + sfx).detach()
-                b_ih = getattr(m, "bias_ih" + sfx).detach() if m.bias else None
-                b_hh = getattr(m, "bias_hh" + sfx).detach() if m.bias else None
-                w_hr = getattr(m, "weight_hr" + sfx).detach() if m.proj_size > 0 else None
-                gi = _tracked(F.linear(layer_in, w_ih, b_ih))  # (N, T, G)
-                h = h0[layer * dirs + d]
-                c = c0[layer * dirs + d] if c0 is not None else None
-                steps = range(t_len - 1, -1, -1) if d else range(t_len)
-                ghs, hprev, hfull, rs, hs = [], [], [], [], [None] * t_len
-                for t in steps:
-                    hprev.append(h)
-                    gh = _tracked(F.linear(h, w_hh, b_hh))
-                    ghs.append(gh)
-                    hf, c = _step(m.mode, gi[:, t], gh, h, c, nonlin)
-                    if w_hr is not None:
-                        hfull.append(hf)
-                        h = F.linear(hf, w_hr)
-                        rs.append(h)
-                    else:
-                        h = hf
-                    hs[t] = h
-                per_dir.append(torch.stack(hs, 1))  # (N, T, H) in time order
-                outs_h.append(h)
-                outs_c.append(c)
-                grads_in += [gi, *ghs, *rs]
-                records.append((sfx, gi, ghs, hprev, hfull, rs, layer_in))
-            layer_in = torch.cat(per_dir, -1) if dirs > 1 else per_dir[0]
-        out = layer_in if m.batch_first else layer_in.transpose(0, 1)
-        results = [out, torch.stack(outs_h)] + ([torch.stack(outs_c)] if m.mode == "LSTM"
-                                                 else [])
-    outs, gouts = [], []
-    for r, g in zip(results, call.grads):
-        if g is not None:
-            outs.append(r)
-            gouts.append(g)
-    d_all = torch.autograd.grad(outs, grads_in, gouts, allow_unused=True)
-    it = iter(d_all)
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    h0 = x.new_zeros(m.num_layers * dirs, n, h_size) if h0 is None else h0.detach().to(wdt)
+    if m.mode == "LSTM":
+        c0 = (x.new_zeros(m.num_layers * dirs, n, m.hidden_size) if c0 is None
+              else c0.detach().to(wdt))
+
+    def weights(sfx: str) -> dict:
+        got = {k: getattr(m, name + sfx, None) for k, name in (
+            ("ih", "weight_ih"), ("hh", "weight_hh"), ("hr", "weight_hr"), ("b_ih", "bias_ih"),
+            ("b_hh", "bias_hh"))}
+        return {k: None if v is None else v.detach() for k, v in got.items()}
+
+    def steps(d: int) -> range:
+        return range(t_len - 1, -1, -1) if d else range(t_len)
+
+    # forward, layer by layer: each layer's input is the previous one's outputs
+    states, layer_in = [], x
+    for layer in range(m.num_layers):
+        per = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            per.append(_forward(m, layer_in, weights(f"_l{layer}" + ("_reverse" if d else "")),
+                                h0[k], c0[k] if c0 is not None else None, steps(d)))
+        states.append((layer_in, per))
+        layer_in = torch.cat([s["out"] for s in per], -1)
+
+    # the recorded gradients: of out (N, T, dirs P), h_n (layers dirs, N, P), c_n
+    g_out, g_h, g_c = (list(call.grads) + [None, None])[:3]
+    g_out = (x.new_zeros(n, t_len, dirs * h_size) if g_out is None else
+             (g_out if m.batch_first else g_out.transpose(0, 1)).to(wdt))
     uses: list[Use] = []
-    for sfx, gi, ghs, hprev, hfull, rs, layer_in in records:
-        dgi = next(it)
-        dgh = [next(it) for _ in ghs]
-        drs = [next(it) for _ in rs]
-        dgi = torch.zeros_like(gi) if dgi is None else dgi  # (N, T, G)
-        dgh_t = torch.stack([torch.zeros_like(ghs[0]) if g is None else g for g in dgh], 1)
-        hp = torch.stack(hprev, 1).detach()  # (N, T, H) in step order
-        gsize = dgi.shape[-1]
-        if "weight_ih" + sfx in wanted:
-            uses.append(("weight_ih" + sfx, Outer(dgi[:, None], layer_in.detach()[:, None],
-                                                  gsize)))
-        if "weight_hh" + sfx in wanted:
-            uses.append(("weight_hh" + sfx, Outer(dgh_t[:, None], hp[:, None], gsize)))
-        if "bias_ih" + sfx in wanted:
-            uses.append(("bias_ih" + sfx, dgi.sum(1)))
-        if "bias_hh" + sfx in wanted:
-            uses.append(("bias_hh" + sfx, dgh_t.sum(1)))
-        if rs and "weight_hr" + sfx in wanted:
-            dr = torch.stack([torch.zeros_like(rs[0]) if g is None else g for g in drs], 1)
-            hf = torch.stack(hfull, 1).detach()
-            uses.append(("weight_hr" + sfx, Outer(dr[:, None], hf[:, None], dr.shape[-1])))
+    for layer in range(m.num_layers - 1, -1, -1):  # backward, top layer first
+        layer_in, per = states[layer]
+        d_in = None
+        for d in range(dirs):
+            k, sfx = layer * dirs + d, f"_l{layer}" + ("_reverse" if d else "")
+            w, st = weights(sfx), per[d]
+            dh = g_h[k].to(wdt) if g_h is not None else x.new_zeros(n, h_size)
+            dc = (g_c[k].to(wdt) if g_c is not None else x.new_zeros(n, m.hidden_size)) \
+                if m.mode == "LSTM" else None
+            dout = g_out[..., d * h_size:(d + 1) * h_size]
+            dgi, dgh, dr = _backward(m, st, w, c0[k] if c0 is not None else None, dout, dh,
+                                     dc, steps(d))
+            d_in = dgi @ w["ih"] if d_in is None else d_in + dgi @ w["ih"]  # (N, T, D_in)
+            gsize = dgi.shape[-1]
+            wanted = call.wanted
+            if "weight_ih" + sfx in wanted:
+                uses.append(("weight_ih" + sfx, Outer(dgi[:, None], layer_in[:, None], gsize)))
+            if "weight_hh" + sfx in wanted:
+                uses.append(("weight_hh" + sfx, Outer(dgh[:, None], st["hprev"][:, None],
+                                                      gsize)))
+            if "bias_ih" + sfx in wanted:
+                uses.append(("bias_ih" + sfx, dgi.sum(1)))
+            if "bias_hh" + sfx in wanted:
+                uses.append(("bias_hh" + sfx, dgh.sum(1)))
+            if "hf" in st and "weight_hr" + sfx in wanted:
+                uses.append(("weight_hr" + sfx, Outer(dr[:, None], st["hf"][:, None],
+                                                      dr.shape[-1])))
+        g_out = d_in  # the gradient of the layer below's outputs
     return uses
 
 
