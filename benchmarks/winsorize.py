@@ -8,9 +8,10 @@
 Target (issue 4): graddyn's winsorized step <= 10x the plain step on the MLP. "graddyn" uses
 ``winsorized_mean(graddyn.capture(...).backward(losses), c)`` through
 ``graddyn.interventions.winsorize.WinsorizedGradient`` with the compiled kernel
-(``graddyn._robust_kernel``); "graddyn-eager" is the same with the kernel switched off
-(``GRADDYN_NO_KERNEL=1``: the eager PyTorch tournament). If the engine cannot be imported it
-falls back to torch.func per-example gradients + the same kernel (and says so).
+(``graddyn._kernels.winsorize``); "graddyn-eager" is the same with the kernel switched off
+(``GRADDYN_NO_KERNEL=1``: the sorting PyTorch reference, ``graddyn._robust``). If the engine
+cannot be imported it falls back to torch.func per-example gradients + the same kernel (and
+says so).
 Times are the best of ``--repeats`` steps after a warm-up step: wall (``perf_counter``) and CPU
 (``process_time``; steadier on a shared machine). The kernel's first call (compiling, or
 loading numba's on-disk cache) happens before the warm-up and is reported on its own: once
@@ -80,7 +81,7 @@ def quantile_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: int) ->
 
 def load_kernel(dtype: torch.dtype) -> float:
     """Seconds of the kernel's first call (compile, or load numba's cache); -1 if unavailable."""
-    from graddyn import _robust_kernel as kernel
+    from graddyn._kernels import winsorize as kernel
 
     t0 = time.perf_counter()
     if not kernel.usable(torch.zeros(3, 1, dtype=dtype)):  # compiles or loads the cache

@@ -223,16 +223,14 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     >>> spearman([1, 2, 3], [10, 20, float("inf")])
     1.0
     """
-    from scipy.stats import rankdata
+    from scipy.stats import spearmanr
 
     x_, y_ = np.asarray(x, float), np.asarray(y, float)
     keep = ~(np.isnan(x_) | np.isnan(y_))  # cells without a value (e.g. loss never reached)
-    if keep.sum() < 2:
+    x_, y_ = x_[keep], y_[keep]
+    if len(np.unique(x_)) < 2 or len(np.unique(y_)) < 2:  # a constant side: no ranking
         return float("nan")
-    rx, ry = rankdata(x_[keep]), rankdata(y_[keep])
-    if np.ptp(rx) == 0 or np.ptp(ry) == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(spearmanr(x_, y_).statistic)
 
 
 def trend(factors: Sequence[float], per_seed: np.ndarray) -> Estimate:

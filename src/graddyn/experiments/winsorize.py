@@ -40,10 +40,9 @@ reach on the noisy labels. The report (``_winsorize_report``) draws the grid and
 paper's three predictions.
 
 Cost: a winsorized step (``WinsorizedGradient``) runs the compiled kernel of
-``graddyn._robust_kernel``: Linear layers never materialise per-example gradients, other
-layers are materialised in blocks. Measured on this 2-core CPU, one thread, batch 100
-(``benchmarks/winsorize.py``): the MLP takes 2.6 ms plain, 11 / 15 / 18 / 26 ms at
-c = 1 / 2 / 4 / 8; the small CNN 96 ms plain, 150-180 ms winsorized.
+``graddyn._kernels.winsorize``: Linear layers never materialise per-example gradients, other
+layers are materialised in blocks; 4-10x a plain step on the MLP at c = 1-8
+(``docs/benchmarks_winsorize.md``).
 """
 
 from __future__ import annotations

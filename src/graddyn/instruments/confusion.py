@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn._gram import cosine_matrix, host64, host_pairs, pair_kernels, upper_flat
+from graddyn._gram import cosine_matrix, host64, host_pairs, upper_flat
+from graddyn._kernels import pair_kernels
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -42,13 +43,14 @@ QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 NUM_BINS = 20
 
 
-def pairwise_cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
+def pairwise_cosines(gram: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
     """Off-diagonal inner products and cosines (upper triangle, i < j, row-major) of a (B, B)
-    Gram -> two (B(B-1)/2,) tensors."""
-    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
+    Gram -> two (B(B-1)/2,) float64 CPU tensors."""
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
-    idx = torch.from_numpy(upper_flat(gram.shape[0])).to(gram.device)  # pairs i < j
-    return torch.take(gram, idx), torch.take(cosine_matrix(gram), idx)
+    g = host64(gram)
+    idx = upper_flat(g.shape[0])  # pairs i < j
+    return torch.from_numpy(np.take(g, idx)), torch.from_numpy(np.take(cosine_matrix(g), idx))
 
 
 def cosine_histogram(cos: Tensor | np.ndarray, num_bins: int = NUM_BINS) -> Tensor:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from graddyn._gram import cosine_matrix_np, host64, host_pairs, pair_kernels
+from graddyn._gram import cosine_matrix, host64, host_pairs
+from graddyn._kernels import pair_kernels
 from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
 from graddyn.instruments.coherence import empty_error, require_grads
 
@@ -46,7 +47,7 @@ def _sums(gram: Tensor | np.ndarray, labels: Tensor, num_classes: int,
           cosines: Tensor | np.ndarray | None = None) -> np.ndarray:
     """``stiffness_sums`` as one (3, K, K) float64 array (cosine, sign, counts).
 
-    Computed on the host: compiled (``graddyn._pairs_jit``) where numba is available, else
+    Computed on the host: compiled (``graddyn._kernels.pairs_jit``) where numba is available, else
     ``_sums_numpy``; O(B^2 K) work in a handful of calls either way, where torch's per-call
     dispatch would dominate at B = 100 (this runs every training step)."""
     b = gram.shape[0]
@@ -56,7 +57,7 @@ def _sums(gram: Tensor | np.ndarray, labels: Tensor, num_classes: int,
     if b < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
     g = host64(gram)
-    cos = cosine_matrix_np(g) if cosines is None else host64(cosines)
+    cos = cosine_matrix(g) if cosines is None else host64(cosines)
     jit = pair_kernels()
     if jit is not None:
         sums = jit.stiffness_sums(g, cos, y, num_classes)  # empty if a label is out of range
@@ -101,7 +102,7 @@ def _means(sums: np.ndarray) -> dict[str, Any]:
 
 
 def _means_numpy(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The reference of ``_pairs_jit.stiffness_means``: (scalars (6,), means (2, K, K))."""
+    """The reference of ``pairs_jit.stiffness_means``: (scalars (6,), means (2, K, K))."""
     c_all, s_all, n_all = sums.sum((1, 2)).tolist()
     c_in, s_in, n_in = np.trace(sums, axis1=1, axis2=2).tolist()
 

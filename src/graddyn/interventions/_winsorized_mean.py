@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from graddyn import _robust_kernel as kernel
+from graddyn._kernels import winsorize as kernel
 from graddyn._robust import check_c, extremes_correction, row_sum
 from graddyn.pergrad import BatchGrads
 from graddyn.pergrad._paramgrads import ParamGrads
@@ -28,7 +28,7 @@ def winsorized_mean(grads: BatchGrads, c: int, memory_budget_bytes: int = 1 << 2
     include ``scale`` from backward. Per parameter:
 
     - a Linear layer on (N, in) input (g_n = outer(G[n], X[n])), with the compiled kernel
-      (``graddyn._robust_kernel``, numba): the sum is ``total()`` (one matmul on the
+      (``graddyn._kernels.winsorize``, numba): the sum is ``total()`` (one matmul on the
       factors) and the kernel streams G[n, i] * X[n, :] per output row, skipping the
       examples whose factor entry is 0 (ReLU-dead units, zero pixels; exact). Nothing is
       materialised; extra memory is the (P,) result.
@@ -36,13 +36,12 @@ def winsorized_mean(grads: BatchGrads, c: int, memory_budget_bytes: int = 1 << 2
       blocks (N, rows x cols) of at most min(``memory_budget_bytes`` / 2,
       ``BLOCK_BYTES``) (at least one row) are materialised into one reused buffer; the
       sum is taken from them (one add pass) and the correction by the kernel, or by the
-      eager PyTorch tournament (numba missing, ``GRADDYN_NO_KERNEL=1``, not CPU
-      float32/64).
+      sorting reference ``graddyn._robust.extremes_correction`` (numba missing, kernels
+      switched off, not CPU float32/64).
 
     Cost of the correction: about 4 (c + 1) vectorised min/max per value with the kernel
-    (on ``torch.get_num_threads()`` threads); the eager tournament about (2 + log2(c + 1))
-    passes over N x P values plus O(c^2) merges per block; measured in
-    ``docs/benchmarks_winsorize.md``. Kernel and eager results agree to rounding. Given the
+    (on ``torch.get_num_threads()`` threads), a sort per coordinate without it; measured in
+    ``docs/benchmarks_winsorize.md``. Kernel and reference agree to rounding. Given the
     same values, both are bitwise independent of blocks and threads; only the materialising
     ``bmm`` (conv, sequences) may round differently for another block shape.
     """
@@ -90,7 +89,7 @@ def _block_sums_and_corrections(pg: ParamGrads, c: int, budget: int
                                 ) -> tuple[Tensor, Tensor]:
     """(plain sum, extremes correction), each (P,) in the matrix view's row-major order, from
     row blocks (N, rows x cols) materialised into one buffer of at most ``budget`` bytes: the
-    compiled kernel per block, else the eager tournament. The sum is taken from the blocks
+    compiled kernel per block, else the sorting reference. The sum is taken from the blocks
     (one add pass) rather than from the factors: for a conv layer ``total()`` costs as many
     flops as materialising, and the blocks are materialised anyway."""
     n = pg.n
@@ -98,7 +97,7 @@ def _block_sums_and_corrections(pg: ParamGrads, c: int, budget: int
     step = max(1, budget // max(n * cols * pg.param.element_size(), 1))
     src = pg.dense if pg.dense is not None else pg.factors[0].right if pg.factors else pg.param
     sums = src.new_empty(rows * cols)
-    corr, ws = torch.empty_like(sums), {}
+    corr = torch.empty_like(sums)
     buf = src.new_empty(n * min(step, rows) * cols)  # reused by every block
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
@@ -107,5 +106,5 @@ def _block_sums_and_corrections(pg: ParamGrads, c: int, budget: int
         if kernel.usable(block):
             corr[r0 * cols:r1 * cols] = kernel.column_corrections(block, c)
         else:
-            corr[r0 * cols:r1 * cols] = extremes_correction(block, c, ws)
+            corr[r0 * cols:r1 * cols] = extremes_correction(block, c)
     return sums, corr

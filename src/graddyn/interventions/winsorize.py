@@ -3,7 +3,7 @@
 Instead of the minibatch mean gradient, each parameter coordinate gets the *winsorized* mean
 of its B per-example gradient values: the c largest values are set to the (c+1)-th largest,
 the c smallest to the (c+1)-th smallest, then the B values are averaged
-(``graddyn._robust.winsorized_mean_rows``; equivalent to clipping at the per-coordinate
+(reference: ``graddyn._robust.winsorized_mean_rows``; equivalent to clipping at the per-coordinate
 "nearest" percentiles 100 c / (B - 1) and 100 (B - 1 - c) / (B - 1), as in the paper's code).
 A coordinate thus only moves in a direction that many examples agree on. c = 0 is plain SGD.
 
@@ -18,11 +18,10 @@ Two entry points:
 
 Cost: one forward/backward, the plain per-coordinate sum, and the c + 1 largest and smallest
 per-example values per coordinate (``winsorized_mean`` of a ``BatchGrads``). With the compiled
-kernel (numba; ``graddyn._robust_kernel``) Linear layers are never materialised and the rest
-is materialised in row blocks within ``memory_budget_bytes``: measured 4-6x a plain SGD step
-at c = 1-2 and ~10x at c = 8 on the 3x256 MLP (``docs/benchmarks_winsorize.md``). Without it
-(``GRADDYN_NO_KERNEL=1`` or numba missing) the eager tournament runs on the blocks, 7-14x
-slower there.
+kernel (numba; ``graddyn._kernels.winsorize``) Linear layers are never materialised and the
+rest is materialised in row blocks within ``memory_budget_bytes``; without it (kernels
+switched off, numba missing, not CPU) the sorting reference runs on the blocks. Speed:
+``docs/benchmarks_winsorize.md``.
 
 >>> model = torch.nn.Linear(3, 2)
 >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))

@@ -1,4 +1,4 @@
-"""The compiled pair statistics (``graddyn._pairs_jit``) against their NumPy references."""
+"""The compiled pair statistics (``graddyn._kernels.pairs_jit``) against their NumPy references."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import graddyn._kernels as K
 from graddyn import _gram
-from graddyn._gram import cosine_matrix_np, pair_kernels, pairs_from_grams
+from graddyn._gram import cosine_matrix, pairs_from_grams
+from graddyn._kernels import pair_kernels
 from graddyn.instruments import confusion as C
 from graddyn.instruments import stiffness as S
 
@@ -49,7 +51,7 @@ def test_gram_and_cosines_match_numpy(dtype: torch.dtype, zero_rows: tuple[int, 
     ref = sum(t.double() for t in gs).numpy()
     np.testing.assert_allclose(g, 0.5 * (ref + ref.T), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(g, g.T)  # exactly symmetric
-    np.testing.assert_allclose(c, cosine_matrix_np(g), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(c, cosine_matrix(g), rtol=1e-12, atol=1e-15)
     for r in zero_rows:  # a zero gradient has cosine 0 with everything
         assert not c[r].any() and not c[:, r].any()
 
@@ -57,7 +59,7 @@ def test_gram_and_cosines_match_numpy(dtype: torch.dtype, zero_rows: tuple[int, 
 def test_pairs_from_grams_kernel_and_numpy_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     gs = grams(1, zero_rows=(3,))
     fast = pairs_from_grams(gs)
-    monkeypatch.setattr(_gram, "KERNELS_ENABLED", False)
+    monkeypatch.setattr(K, "ENABLED", False)
     slow = pairs_from_grams(gs)
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
@@ -107,8 +109,7 @@ def test_confusion_numbers_match_numpy(num_bins: int, monkeypatch: pytest.Monkey
                      torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.5], dtype=torch.float64)])
     inner = torch.randn(205, generator=gen, dtype=torch.float64)
     fast = C.confusion_stats(inner, cos, num_bins=num_bins)
-    monkeypatch.setattr(_gram, "KERNELS_ENABLED", False)
-    monkeypatch.setattr(C, "pair_kernels", lambda: None)
+    monkeypatch.setattr(K, "ENABLED", False)
     slow = C.confusion_stats(inner, cos, num_bins=num_bins)
     assert fast.keys() == slow.keys()
     for key, value in slow.items():
@@ -120,7 +121,7 @@ def test_confusion_numbers_match_numpy(num_bins: int, monkeypatch: pytest.Monkey
 
 
 def test_switch_off_gives_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_gram, "KERNELS_ENABLED", False)
+    monkeypatch.setattr(K, "ENABLED", False)
     assert pair_kernels() is None
 
 

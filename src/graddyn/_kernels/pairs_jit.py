@@ -1,11 +1,10 @@
 """Compiled (numba) pair statistics of a (B, B) Gram: what the instruments read every step.
 
 Measuring coherence, confusion and stiffness on every training step spends most of its
-non-GEMM time in a few dozen NumPy calls over ~10^4 numbers (~1-5 us each, ~3x more right
-after the step's large matmuls have flushed the caches). These kernels do the same
-arithmetic in one call each. ``graddyn._gram.pair_kernels()`` hands them out (or None: numba
-missing, ``GRADDYN_NO_KERNEL=1``); the NumPy functions they replace stay the reference
-(``tests/test_pairs_jit.py`` compares the two).
+non-GEMM time in a few dozen small NumPy calls over ~10^4 numbers; these kernels do the same
+arithmetic in one call each (``docs/benchmarks_overhead.md``). ``graddyn._kernels.
+pair_kernels()`` hands them out (or None: numba missing, switched off); the NumPy functions
+they replace are the reference (``tests/_kernels/test_pairs.py`` compares the two).
 
 Results are float64 whatever the input dtype (sums are accumulated in float64).
 """
@@ -23,7 +22,7 @@ def gram_and_cosines(grams):
     """(L, B, B) per-layer Grams -> (G, C), both (B, B) float64 and exactly symmetric: G the
     sum over layers of (Gram + Gram^T) / 2 (a matmul's A A^T need not be bitwise symmetric),
     C the cosines G_ij / (|g_i| |g_j|) clipped to [-1, 1], 0 where a norm is 0 (as
-    ``graddyn._gram.cosine_matrix_np``)."""
+    ``graddyn._gram.cosine_matrix``)."""
     n_layers, b = grams.shape[0], grams.shape[1]
     g = np.zeros((b, b))
     for k in range(n_layers):
@@ -57,9 +56,8 @@ def stiffness_sums(g, c, y, k):
     sign(G_ij), and the pair count (as ``graddyn.instruments.stiffness.stiffness_sums``);
     (0, K, K) if a label lies outside [0, K) (the caller raises). The Gram and the cosines
     are symmetric, so each unordered pair is visited once. The sign is computed without a
-    branch: on a new Gram every step a branch on it mispredicts about half the time (the
-    branching version took 44 us on a fresh B = 100 Gram each call, 11 us on a repeated one;
-    this one 11 us on both)."""
+    branch: on a new Gram every step a branch on it mispredicts about half the time
+    (``docs/benchmarks_overhead.md``)."""
     b = g.shape[0]
     n = np.zeros(k)  # examples per class
     for i in range(b):
@@ -138,8 +136,8 @@ def upper_pairs(g, c):
 
 @njit(**_JIT)
 def confusion_numbers(inner, s, quantiles, num_bins):
-    """Pair values (``s``: the cosines, sorted ascending; NumPy's vectorised sort is ~10x
-    numba's) -> (numbers: min_inner, min_cosine, mean_cosine, then one per quantile (linear
+    """Pair values (``s``: the cosines, sorted ascending by the caller: NumPy's vectorised sort
+    beats numba's) -> (numbers: min_inner, min_cosine, mean_cosine, then one per quantile (linear
     interpolation); histogram (num_bins,) int64 of the cosines in equal bins [e_k, e_k+1) on
     [-1, 1], values below -1 in the first and 1.0 in the last), as
     ``graddyn.instruments.confusion.confusion_stats``."""

@@ -1,4 +1,4 @@
-"""The compiled winsorized-mean kernel against the eager reference (``graddyn._robust``), the
+"""The compiled winsorized-mean kernel against the sorting reference (``graddyn._robust``), the
 per-example loop (``graddyn.reference``), and itself under chunking, tiling and threads."""
 
 import numpy as np
@@ -7,13 +7,14 @@ import torch
 from tests.test_robust import numpy_reference
 from torch import nn
 
+import graddyn._kernels as switch
 from graddyn import _robust as R
-from graddyn import _robust_kernel as K
+from graddyn._kernels import winsorize as K
 from graddyn.interventions._winsorized_mean import winsorized_mean
 from graddyn.reference import DenseBatchGrads, per_example_grads
 
 pytestmark = pytest.mark.skipif(not K.usable(torch.zeros(1, dtype=torch.float64)),
-                                reason="numba kernel unavailable (eager path tested elsewhere)")
+                                reason="numba kernel unavailable (reference tested elsewhere)")
 
 CASES = [(b, c) for b in (1, 3, 4, 5, 7, 8, 10, 33, 100) for c in range(0, (b + 1) // 2)]
 CASES = [(b, c) for b, c in CASES if c < 10 or c in (16, 24, 49)]
@@ -35,7 +36,7 @@ def tied_block(b: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 @pytest.mark.parametrize("b,c", CASES, ids=[f"B{b}-c{c}" for b, c in CASES])
-def test_block_kernel_matches_eager_and_numpy(b, c, dtype):
+def test_block_kernel_matches_reference_and_numpy(b, c, dtype):
     x = tied_block(b, 100 * b + c, dtype)
     got = K.column_corrections(x, c)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -105,7 +106,7 @@ def test_tiles_threads_and_splits_do_not_change_bits(c, monkeypatch):
 
 
 @pytest.mark.parametrize("c", [1, 3])
-def test_chunked_kernel_matches_eager_rows(c):
+def test_chunked_kernel_matches_reference_rows(c):
     x = tied_block(33, c, torch.float64).repeat(1, 5)
     whole = R.winsorized_mean_chunked(x, c, 1 << 30)
     assert torch.equal(R.winsorized_mean_chunked(x, c, 33 * 8 * 2 * 7), whole)
@@ -131,7 +132,7 @@ def captured(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 @pytest.mark.parametrize("c", [0, 1, 2, 6])
 def test_batchgrads_fused_path_matches_the_per_example_loop(c, monkeypatch):
     """Linear layers go through the fused kernel (spied), the rest through blocks; both, and
-    the eager fallback, agree with the per-example reference."""
+    the reference fallback, agree with the per-example reference."""
     model, b = relu_mlp(), 13
     x, y = torch.randn(b, 6), torch.randint(0, 3, (b,))
     x[:, :2] = 0.0  # zero inputs (as MNIST borders)
@@ -141,7 +142,7 @@ def test_batchgrads_fused_path_matches_the_per_example_loop(c, monkeypatch):
     monkeypatch.setattr(K, "outer_corrections", lambda *a: calls.append(1) or real(*a))
     got = winsorized_mean(captured(model, x, y), c, memory_budget_bytes=1)
     assert len(calls) == (3 if c > 0 else 0)  # the three weights; biases are blocks
-    monkeypatch.setattr(K, "ENABLED", False)
+    monkeypatch.setattr(switch, "ENABLED", False)
     eager = winsorized_mean(captured(model, x, y), c)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
@@ -166,13 +167,13 @@ def test_sequence_linear_uses_blocks_and_matches(monkeypatch):
 def test_usable_says_no_outside_its_domain(monkeypatch):
     assert not K.usable(torch.zeros(3, dtype=torch.float16))
     assert not K.usable(torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64))
-    monkeypatch.setattr(K, "ENABLED", False)
+    monkeypatch.setattr(switch, "ENABLED", False)
     assert not K.usable(torch.zeros(3, dtype=torch.float64))
 
 
 def test_environment_switch():
-    assert K.enabled_by_env({}) and K.enabled_by_env({"GRADDYN_NO_KERNEL": "0"})
-    assert not K.enabled_by_env({"GRADDYN_NO_KERNEL": "1"})
+    assert switch.enabled_by_env({}) and switch.enabled_by_env({"GRADDYN_NO_KERNEL": "0"})
+    assert not switch.enabled_by_env({"GRADDYN_NO_KERNEL": "1"})
 
 
 def test_missing_numba_falls_back(monkeypatch):
@@ -192,15 +193,15 @@ def test_a_kernel_that_cannot_compile_warns_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(K, "_jit", Broken)
     monkeypatch.setattr(K, "_ready", {})
-    with pytest.warns(UserWarning, match="eager PyTorch path"):
+    with pytest.warns(UserWarning, match="PyTorch reference"):
         assert not K.usable(torch.zeros(3, dtype=torch.float64))
     assert not K.usable(torch.zeros(3, dtype=torch.float64))  # decided once
 
 
-@pytest.mark.parametrize("kernel_on", [True, False], ids=["kernel", "eager"])
+@pytest.mark.parametrize("kernel_on", [True, False], ids=["kernel", "reference"])
 def test_conv_blocks_match_the_loop_for_any_block_size(kernel_on, monkeypatch):
     """Conv weights go through materialised blocks; the sum comes from the blocks too."""
-    monkeypatch.setattr(K, "ENABLED", kernel_on)
+    monkeypatch.setattr(switch, "ENABLED", kernel_on)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3))
     x, y = torch.randn(11, 2, 6, 6), torch.randint(0, 3, (11,))
     grads = captured(model, x, y)

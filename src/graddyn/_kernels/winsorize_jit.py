@@ -1,5 +1,5 @@
 """numba kernels for the winsorized mean: the c + 1 largest and smallest of N values per
-coordinate, as the correction ``winsorized_sum - plain_sum`` (see ``graddyn._robust``).
+coordinate, as the correction ``winsorized_sum - plain_sum`` (reference: ``graddyn._robust``).
 
 Values are ``v[n, i, j] = G[n, i] * X[n, j]``: an outer product per example (a Linear layer's
 weight gradient, G = output grads (N, rows), X = inputs (N, cols)), so nothing is materialised;
@@ -16,13 +16,11 @@ list with elementwise max/min only (no branches, so the column loop vectorizes):
 with sentinel rows top[-1] = +inf (so min(top[-1], s_l) = s_l) and top[-2..-4] = -inf (terms
 that do not exist drop out of the max). Cost per value: a multiply and ~2.5 ops of sorting,
 plus 2 min/max per list level and side (fewer at levels 0 and 1), i.e. about 4 k ops; the
-lists of a column tile stay in cache. Measured ~0.3 ns per streamed value at c = 1 and
-~1.3 ns at c = 8 (float32, one AVX2 core); the eager tournament takes ~2.5 and ~10 ns per
-value (3x256 MLP, B = 100). Exact shortcuts: examples with G[n, i] == 0 (ReLU-dead units)
-give the value 0 in every column: they are skipped, and min(Z, k) zeros are merged in at once
-instead (only k of the Z equal zeros can be among the k best; see ``_insert_copies``); and
-when X >= 0 (ReLU outputs) each example feeds only the list on its sign's side (see
-``corrections``), halving the merges.
+lists of a column tile stay in cache (speed: ``docs/benchmarks_winsorize.md``). Exact
+shortcuts: examples with G[n, i] == 0 (ReLU-dead units) give the value 0 in every column:
+they are skipped, and min(Z, k) zeros are merged in at once instead (only k of the Z equal
+zeros can be among the k best; see ``_insert_copies``); and when X >= 0 (ReLU outputs) each
+example feeds only the list on its sign's side (see ``corrections``), halving the merges.
 
 Every column's result uses the same ops in the same order whatever the tile, row range or
 thread that computes it (max/min/mul are exact; the final sum has a fixed order), so results
@@ -72,8 +70,8 @@ def _merge_top(top, top2, s, k, w):
     Levels 0 and 1 have 1 and 2 group terms and are written out; deeper levels use all four
     (absent terms meet the -inf sentinel rows and drop out of the max). Reads only ``top``
     and writes only ``top2`` (double buffer): an in-place update would let LLVM turn the
-    unchanged lanes into masked stores, which are slow on x86. One list per loop: with both
-    lists (or more special levels) in one loop, measured 2-3x slower for c >= 4."""
+    unchanged lanes into masked stores, which are slow on x86. One list per loop: both lists
+    (or more special levels) in one loop vectorize worse for c >= 4."""
     s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
     for l in range(k):
         r = HEAD + l

@@ -1,4 +1,4 @@
-"""Torch-facing entry points of the compiled winsorized-mean kernel (``_robust_jit``, numba).
+"""Torch-facing entry points of the compiled winsorized-mean kernel (``winsorize_jit``, numba).
 
 ``outer_corrections(G, X, c)`` gives the extremes correction of per-example gradients that
 are outer products (a Linear layer on 2-D input) without materialising them;
@@ -7,8 +7,8 @@ are outer products (a Linear layer on 2-D input) without materialising them;
 ``sum_l (t_c - t_l) + (b_c - b_l)``), and are bitwise independent of chunking and threads.
 
 ``usable(*tensors)`` says whether the kernel applies: numba importable, not switched off
-(``ENABLED = False`` or the environment variable ``GRADDYN_NO_KERNEL=1``), CPU tensors of
-float32 / float64. Callers check it first and fall back to the eager PyTorch path otherwise.
+(``graddyn._kernels.ENABLED``), CPU tensors of float32 / float64. Callers check it first and
+fall back to the reference (``graddyn._robust``) otherwise.
 
 Compiling takes a few seconds per dtype on first use; ``cache=True`` stores the machine
 code next to the module (or in numba's user cache dir), so later processes load it in
@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
@@ -34,14 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def enabled_by_env(environ: Mapping[str, str] = os.environ) -> bool:
-    """False when ``GRADDYN_NO_KERNEL`` is set to anything but "" or "0"."""
-    return environ.get("GRADDYN_NO_KERNEL", "").strip() in ("", "0")
-
-
-ENABLED = enabled_by_env()
-"""Module switch: False sends every caller to the eager PyTorch path."""
+import graddyn._kernels as switch
 
 DTYPES = (torch.float32, torch.float64)
 TILE_BYTES = 1 << 17
@@ -64,7 +56,7 @@ def usable(*tensors: Tensor) -> bool:
 
     The first call per dtype compiles the kernel (or loads it from numba's cache); if numba
     is missing or cannot compile it, this says False (with one warning) and stays False."""
-    if not ENABLED or not all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors):
+    if not switch.ENABLED or not all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors):
         return False
     return all(_compiled(dtype) for dtype in {t.dtype for t in tensors})
 
@@ -73,11 +65,11 @@ def _kernels() -> ModuleType | None:
     global _jit, _import_failed
     if _jit is None and not _import_failed:
         try:
-            from . import _robust_jit
+            from graddyn._kernels import winsorize_jit
         except Exception:  # numba missing, or broken against this numpy / llvmlite
             _import_failed = True
         else:
-            _jit = _robust_jit
+            _jit = winsorize_jit
     return _jit
 
 
@@ -90,9 +82,9 @@ def _compiled(dtype: torch.dtype) -> bool:
                 g, x = torch.ones(3, 1, dtype=dtype), torch.arange(3, dtype=dtype)[:, None]
                 jit.corrections(g.numpy(), x.numpy(), 1, 0, 1, 0, 1, g[0:1].numpy(), 16, True)
                 ok = True
-            except Exception as err:  # a numba that cannot compile it: eager path
+            except Exception as err:  # a numba that cannot compile it: the reference
                 warnings.warn(f"graddyn: compiled winsorized-mean kernel unavailable for "
-                              f"{dtype} ({err!r}); using the eager PyTorch path", stacklevel=3)
+                              f"{dtype} ({err!r}); using the PyTorch reference", stacklevel=3)
             compile_seconds[dtype] = time.perf_counter() - t0
         _ready[dtype] = ok
     return _ready[dtype]
@@ -109,7 +101,7 @@ def outer_corrections(left: Tensor, right: Tensor, c: int) -> Tensor:
     units, ~50%). Products commute, so the transposed problem gives the same values."""
     g = left.detach().contiguous()
     x = right.detach().to(g.dtype).contiguous()
-    # numpy counts: a torch reduction here wakes its thread pool, measured 20 ms on 2 threads
+    # numpy counts: a torch reduction here would wake torch's thread pool for a tiny job
     nz_g, nz_x = np.count_nonzero(g.numpy()), np.count_nonzero(x.numpy())
     if nz_x * g.shape[1] < nz_g * x.shape[1]:
         return _outer(x, g, c).T
