@@ -23,10 +23,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 LOOP_MIN_FLOPS = 5e8
 """Forward FLOPs of one batch from which, on the CPU, a loop of double-backwards (graph mode)
-is the faster way to apply the Hessian to a block of vectors: measured per vector at batch 128,
-the MNIST CNN (3.1 GFLOP) is 1.7-1.8x faster in the loop, the 3x256 MLP (86 MFLOP) 1.0-1.6x
-faster vmapped (forward-over-reverse), nets under 1 MFLOP 3-7x faster vmapped (a loop pays
-the per-op overhead of autograd once per vector)."""
+is the faster way to apply the Hessian to a block of vectors: the MNIST CNN (3.1 GFLOP) is
+faster in the loop, the 3x256 MLP (86 MFLOP) and smaller nets faster vmapped
+(forward-over-reverse; a loop pays the per-op overhead of autograd once per vector).
+Measured in ``docs/benchmarks_curvature.md``."""
 
 
 def forward_flops(model: nn.Module, x: Any) -> int:

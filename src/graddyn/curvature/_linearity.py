@@ -13,7 +13,7 @@ autograd graph from the output back to the parameters, every node is
 Nodes no selected parameter reaches are not checked: with ``params`` restricted to the last
 layer, any network qualifies. Everything else (tanh, GELU, softmax, LayerNorm, exp, ...) is
 refused, naming the innermost module whose forward created the node. Cost: one walk over
-the graph's nodes (~1 us each) and two tiny autograd ops per module call to time-stamp it.
+the graph's nodes and two tiny autograd ops per module call to time-stamp it.
 """
 
 from __future__ import annotations

@@ -38,8 +38,7 @@ class Square:
 
         A transposed view of ``(k, dim)``, so each vector is one contiguous row (what the graph
         mode of ``HessianOperator`` feeds to autograd). Drawn as 31 random bits per int32
-        ``randint`` draw: one draw per sign costs ~15 ns, 0.12 s for 25 vectors of the 3x256
-        MLP (as much as 40 of its Hessian-vector products); unpacking bits, 0.014 s."""
+        ``randint`` draw rather than one draw per sign (``docs/benchmarks_curvature.md``)."""
         n = k * self.dim
         words = torch.randint(0, 2**31, (-(-n // 31), 1), generator=generator,
                               dtype=torch.int32)  # (n/31, 1)

@@ -84,9 +84,9 @@ class HessianOperator:
     ``"auto"`` (default) uses ``"graph"`` for one vector per call (Lanczos, power iteration:
     it saves the primal passes) and, for blocks of vectors, ``"graph"`` on the CPU when one
     forward of the batch costs at least ``LOOP_MIN_FLOPS`` (0.5 GFLOP, counted once per batch
-    in the Linear/Conv layers: 1.7x faster than vmapped on the MNIST CNN of
-    ``benchmarks/curvature.py``) and ``"functional"`` otherwise (1.0-1.6x faster on its MLP,
-    3-7x on small nets, where a loop pays autograd's per-op overhead once per vector; on CUDA, the
+    in the Linear/Conv layers: faster than vmapped on the MNIST CNN of
+    ``benchmarks/curvature.py``) and ``"functional"`` otherwise (faster on its MLP and on small
+    nets, where a loop pays autograd's per-op overhead once per vector; on CUDA, the
     vmapped jvp turns ``K`` vectors into the wide batched matmuls a GPU needs, not measured
     here). Both modes agree to rounding.
 

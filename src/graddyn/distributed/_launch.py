@@ -226,7 +226,7 @@ _PRELOADED: set[str] = set()  # modules the running forkserver imported
 
 def _mp_context(preload: tuple[str, ...]) -> Any:
     """forkserver with torch and ``preload`` imported once in the server; workers fork from it
-    (about 0.1 s each instead of a fresh interpreter importing torch); spawn where forkserver
+    (much cheaper than a fresh interpreter importing torch); spawn where forkserver
     is unavailable. A launch asking for a module the running server lacks restarts it."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")

@@ -35,9 +35,8 @@ the *eval-mode* outputs unchanged; in training mode the batch statistics differ,
 not exactly preserve the outputs the optimizer sees.
 
 Default (digits, small CNN and ResNet-8 of width 8, 3 seeds, 200 steps, exact traces on 128
-examples) measured 8 min wall on the 2-core box while another job used one core (with 10 / 30
-Hutchinson probes instead: ~6 min on 2 free cores); ``--set seeds=0,1`` or ``models=cnn``
-(~1/3 of the cost) fit a few minutes.
+examples) takes minutes on a 2-core CPU (10 / 30 Hutchinson probes instead of exact traces
+are cheaper); ``--set seeds=0,1`` or ``models=cnn`` (~1/3 of the cost) cut it further.
 Real data: ``--set dataset=cifar10`` (read from the local folder; error if missing).
 """
 

@@ -8,8 +8,7 @@ on, examples that agree with nobody (corrupt labels) are not memorised. Winsoriz
 largest and ``c`` smallest of the B per-example gradients before averaging; ``c = 0`` is
 plain SGD. One run = one (noise, c) point, so the paper's grid is a sweep::
 
-    # the default grid (2 x 3 points): ~9 min of compute with 2 workers on 2 cores by the
-    # per-step costs below; measured 21 min wall on the shared machine (load ~11)
+    # the default grid (2 x 3 points)
     graddyn sweep coherent-gradients.winsorize --grid c=4,1,0 noise=0,0.5 --workers 2
     # the paper's full grid (5 x 5) at the subset's length
     graddyn sweep coherent-gradients.winsorize --grid c=8,4,2,1,0 noise=0,0.25,0.5,0.75,1 \\
@@ -17,8 +16,7 @@ plain SGD. One run = one (noise, c) point, so the paper's grid is a sweep::
     # the paper's length: all 60,000 MNIST images, 60,000 steps (local MNIST)
     graddyn sweep coherent-gradients.winsorize --grid c=8,4,2,1,0 noise=0,0.25,0.5,0.75,1 \\
         --set dataset=mnist --workers 2
-    # the convolutional demonstration (small CNN on the MNIST subset, short; 26 min wall
-    # measured on the shared machine, ~7 min of compute)
+    # the convolutional demonstration (small CNN on the MNIST subset, short)
     graddyn sweep coherent-gradients.winsorize --grid c=4,1,0 \\
         --set model=cnn noise=0.5 steps=100 --workers 2
     graddyn report <sweep name printed above>

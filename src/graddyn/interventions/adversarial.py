@@ -191,7 +191,7 @@ def adversarial_gd_linear(
     if step_rule not in ("constant", "normalized"):
         raise ValueError(f"step_rule must be 'constant' or 'normalized', got {step_rule!r}")
     margin_loss(torch.zeros(1), loss)  # validate the loss name
-    # numpy float64: ~10 us a step for small problems, 20x less than torch's per-op overhead
+    # numpy float64: for small problems torch's per-op overhead would dominate each step
     z = (signed_labels(y)[:, None] * x).double().cpu().numpy()  # (n, d)
     w = np.zeros(z.shape[1]) if w0 is None else w0.double().cpu().numpy().copy()
     wanted, out = set(record_at), []

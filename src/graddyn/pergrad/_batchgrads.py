@@ -191,7 +191,8 @@ class BatchGrads:
         or with ``overwrite=True`` written over what is there (like ``zero_grad(set_to_none=
         False)`` then ``backward()``). Where ``param.grad`` exists it is updated in place by
         the factors' matmul itself (``addmm`` into it): no new P-sized buffer, whose fresh pages
-        the OS must zero (~0.2 ms per 6 MB here, every step); only a missing one is allocated.
+        the OS must zero every step (``docs/benchmarks_overhead.md``); only a missing one is
+        allocated.
         """
         if len(self.batch_shape) > 1:
             raise ValueError("write_grad is only defined for mode='loss'.")

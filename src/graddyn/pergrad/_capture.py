@@ -473,7 +473,7 @@ def capture(model: nn.Module, params: object = None, mode: str = "loss",
             about B times the backward of the layers involved (an :class:`ExactPathWarning`
             names them once per model structure). False raises
             :class:`UnsupportedModuleError` naming them instead.
-        check: walk the graph at every ``backward()`` (about 1 us per node outside the
+        check: walk the graph at every ``backward()`` (a cost per node outside the
             rule-served layers) so that a changed structure (a parameter used differently, a
             different loss) gets a new plan. False walks it once per module-call pattern:
             only for models whose graph never changes at equal shapes.
