@@ -311,7 +311,7 @@ class FirstLearned(Instrument):
 
     name: ClassVar[str] = "first_learned"
     needs_grads: ClassVar[bool] = False
-    reset_each_probe: ClassVar[bool] = False
+    accumulates = True
 
     def __init__(self):
         self.reset()

@@ -1,5 +1,5 @@
-"""Instruments: pure functions and thin ``update / compute / reset`` classes that turn per-example
-gradients into numbers. See ``_base.py`` for the contract.
+"""Instruments: pure functions and thin ``update / compute`` classes with declared state that
+turn per-example gradients into numbers. See ``_base.py`` for the contract.
 
 Registered names: coherence, batch_coherence, confusion, stiffness, gsnr, group_split,
 learned_at, spectrum, margin.

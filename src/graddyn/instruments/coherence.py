@@ -36,22 +36,9 @@ import numpy as np
 import torch
 
 from graddyn._gram import host_pairs
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
+from graddyn.instruments._base import Instrument, Probe, empty_error, require_grads
 
 Tensor = torch.Tensor
-
-
-def require_grads(probe: Probe, who: str) -> Any:
-    """The probe's BatchGrads, or a clear error if the trainer did not run the engine."""
-    if probe.grads is None:
-        raise ValueError(
-            f"{who} needs per-example gradients: pass Probe(grads=cap.backward(losses), ...)"
-        )
-    return probe.grads
-
-
-def empty_error(who: str) -> RuntimeError:
-    return RuntimeError(f"{who}.compute() called before any update(); call update(probe) first")
 
 
 def coherence_from_sums(sum_sq: Tensor | float, q: Tensor | float, n: int) -> dict[str, float]:
@@ -68,22 +55,16 @@ def coherence_from_gram(gram: Tensor) -> dict[str, float]:
     return coherence_from_sums(gram.sum(), gram.diagonal().sum(), gram.shape[0])
 
 
-@INSTRUMENTS.register("coherence")
-class Coherence(Instrument):
+class Coherence(Instrument, name="coherence"):
     """Streams alpha / m-coherence over batches of one model (keys: alpha, alpha_plugin,
     m_coherence, m_coherence_within, num_examples)."""
 
-    name = "coherence"
-
     def __init__(self, within: bool = True) -> None:
         self.within = within
-        self.reset()
-
-    def reset(self) -> None:
-        self._sum: dict[str, Tensor] = {}
-        self._q = 0.0
-        self._n = 0
-        self._within: list[float] = []
+        self.add_state("_sum", {}, "sum")  # name -> running sum S of the gradients, param shape
+        self.add_state("_q", 0.0, "sum")  # Q = sum_i |g_i|^2
+        self.add_state("_n", 0, "sum")  # examples seen
+        self.add_state("_within", [], "cat")  # each batch's own m-coherence
 
     def update(self, probe: Probe) -> None:
         grads = require_grads(probe, "Coherence")
@@ -107,21 +88,15 @@ class Coherence(Instrument):
         return out
 
 
-@INSTRUMENTS.register("batch_coherence")
-class BatchCoherence(Instrument):
+class BatchCoherence(Instrument, name="batch_coherence"):
     """alpha and m-coherence of each batch from its Gram alone (``coherence_from_gram``:
     |S|^2 = 1^T G 1), O(B^2): the cheap form for measuring the training minibatch every step,
     where ``Coherence`` pools pairs *across* batches and so also sums P-sized gradients.
     Over several updates (e.g. probe chunks) the per-batch values are averaged. Keys: alpha,
     alpha_plugin, m_coherence, num_batches."""
 
-    name = "batch_coherence"
-
     def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._values: list[dict[str, float]] = []
+        self.add_state("_values", [], "cat")  # per batch: {alpha, alpha_plugin, m_coherence}
 
     def update(self, probe: Probe) -> None:
         gram, _ = host_pairs(require_grads(probe, "BatchCoherence"))  # (B, B) float64

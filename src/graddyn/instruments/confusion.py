@@ -34,8 +34,7 @@ from torch import nn
 
 from graddyn._gram import cosine_matrix, host64, host_pairs, upper_flat
 from graddyn._kernels import pair_kernels
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
-from graddyn.instruments.coherence import empty_error, require_grads
+from graddyn.instruments._base import Instrument, Probe, empty_error, require_grads
 
 Tensor = torch.Tensor
 
@@ -155,23 +154,17 @@ def minibatch_gradient(
     return {n: g.detach() for (n, _), g in zip(named, grads)}
 
 
-@INSTRUMENTS.register("confusion")
-class Confusion(Instrument):
+class Confusion(Instrument, name="confusion"):
     """Per-example gradient confusion pooled over the pairs of every batch since ``reset``.
 
     Keys: eta, min_inner, min_cosine, mean_cosine, cos_q1 .. cos_q99, cos_hist (tensor of
     ``num_bins`` counts on [-1, 1]), num_pairs.
     """
 
-    name = "confusion"
-
     def __init__(self, quantiles: Sequence[float] = QUANTILES, num_bins: int = NUM_BINS) -> None:
         self.quantiles, self.num_bins = tuple(quantiles), num_bins
-        self.reset()
-
-    def reset(self) -> None:
-        self._inner: list[np.ndarray] = []
-        self._cos: list[np.ndarray] = []
+        self.add_state("_inner", [], "cat")  # per batch: (B(B-1)/2,) inner products, i < j
+        self.add_state("_cos", [], "cat")  # per batch: the same pairs' cosines
 
     def update(self, probe: Probe) -> None:
         gram, cos = host_pairs(require_grads(probe, "Confusion"))  # (B, B) float64

@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
-from graddyn.instruments.coherence import empty_error, require_grads
+from graddyn.instruments._base import Instrument, Probe, empty_error, require_grads
 
 Tensor = torch.Tensor
 _FIELDS = ("total", "sum_c", "n_c", "n_p")  # <g,g>, sum of corrupt contributions, counts
@@ -71,39 +70,32 @@ def null_masks(mask: Tensor, k: int, seed: int, step: int) -> list[Tensor]:
     return out
 
 
-@INSTRUMENTS.register("group_split")
-class GroupSplit(Instrument):
+def _later(mine: dict[str, float] | None, other: dict[str, float] | None
+           ) -> dict[str, float] | None:
+    """Of two shards' latest sums, the second's (shards merge in order)."""
+    return mine if other is None else other
+
+
+class GroupSplit(Instrument, name="group_split"):
     """Loss-reduction split between pristine and corrupt examples; needs ``Probe.groups``.
 
     Keys: f_p, f_c, mean_p, mean_c (pooled since reset), last_f_p, last_f_c, last_mean_p,
     last_mean_c, and null{w}/f_p, null{w}/f_c, null{w}/mean_p, null{w}/mean_c for each world.
 
     ``cumulative=True`` pools over every step of a training run (the paper's cumulative f_p,
-    f_c and per-example means): the trainer then never resets it and checkpoints it through
-    ``state_dict``; the default pools only within one probe.
+    f_c and per-example means; ``accumulates``): the trainer then never resets it and
+    checkpoints it through ``state_dict``; the default pools only within one probe.
     """
-
-    name = "group_split"
 
     def __init__(self, null_worlds: int = 3, seed: int = 0, cumulative: bool = False) -> None:
         if null_worlds < 0:
             raise ValueError(f"null_worlds must be >= 0, got {null_worlds}")
         self.null_worlds, self.seed = null_worlds, seed
-        self.reset_each_probe = not cumulative  # read by the trainer's probe runner
-        self.reset()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pooled": [dict(p) for p in self._pooled],
-                "last": None if self._last is None else dict(self._last)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pooled = [dict(p) for p in state["pooled"]]
-        self._last = None if state["last"] is None else dict(state["last"])
-
-    def reset(self) -> None:
-        zero = dict.fromkeys(_FIELDS, 0.0)
-        self._pooled = [dict(zero) for _ in range(1 + self.null_worlds)]  # [real, null 0, ...]
-        self._last: dict[str, float] | None = None
+        self.accumulates = cumulative
+        # (1 + null_worlds, 4) float64: per world [real, null 0, ...] the sums of _FIELDS
+        self.add_state("_pooled", torch.zeros(1 + null_worlds, len(_FIELDS),
+                                              dtype=torch.float64), "sum")
+        self.add_state("_last", None, _later)  # the latest update's sums (a dict of _FIELDS)
 
     def update(self, probe: Probe) -> None:
         gram = require_grads(probe, "GroupSplit").gram().detach()
@@ -111,18 +103,18 @@ class GroupSplit(Instrument):
             raise ValueError("GroupSplit needs the group mask: pass Probe(groups=corrupt_mask)")
         mask = probe.groups.bool().to(gram.device)
         masks = [mask] + null_masks(mask, self.null_worlds, self.seed, probe.step)
-        for pooled, m in zip(self._pooled, masks):
+        for w, m in enumerate(masks):
             s = split_sums(gram, m)
-            for f in _FIELDS:
-                pooled[f] += s[f]
+            self._pooled[w] += torch.tensor([float(s[f]) for f in _FIELDS], dtype=torch.float64)
             if m is mask:
                 self._last = s
 
     def compute(self) -> dict[str, Any]:
         if self._last is None:
             raise empty_error("GroupSplit")
-        out: dict[str, Any] = dict(split_from_sums(self._pooled[0]))
+        pooled = [dict(zip(_FIELDS, row)) for row in self._pooled.tolist()]
+        out: dict[str, Any] = dict(split_from_sums(pooled[0]))
         out.update({f"last_{k}": v for k, v in split_from_sums(self._last).items()})
-        for w, pooled in enumerate(self._pooled[1:]):
-            out.update({f"null{w}/{k}": v for k, v in split_from_sums(pooled).items()})
+        for w, sums in enumerate(pooled[1:]):
+            out.update({f"null{w}/{k}": v for k, v in split_from_sums(sums).items()})
         return out

@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
-from graddyn.instruments.coherence import empty_error, require_grads
+from graddyn.instruments._base import Instrument, Probe, empty_error, require_grads
 
 Tensor = torch.Tensor
 State = dict[str, tuple[int, Tensor, Tensor]]  # name -> (count, mean, M2)
@@ -35,15 +34,25 @@ State = dict[str, tuple[int, Tensor, Tensor]]  # name -> (count, mean, M2)
 
 def _merge(a: tuple[int, Tensor, Tensor], rows: Tensor) -> tuple[int, Tensor, Tensor]:
     """Chan's update of (n, mean, M2) with the rows (b, *shape) of a chunk."""
-    nb = rows.shape[0]
     mb = rows.mean(0)
-    m2b = (rows - mb).pow(2).sum(0)
-    n, m, m2 = a
+    return _combine(a, (rows.shape[0], mb, (rows - mb).pow(2).sum(0)))
+
+
+def _combine(a: tuple[int, Tensor, Tensor], b: tuple[int, Tensor, Tensor]
+             ) -> tuple[int, Tensor, Tensor]:
+    """Chan's parallel combination of two (n, mean, M2) summaries."""
+    (n, m, m2), (nb, mb, m2b) = a, b
     if n == 0:
         return nb, mb, m2b
     tot = n + nb
     delta = mb - m
     return tot, m + delta * (nb / tot), m2 + m2b + delta.pow(2) * (n * nb / tot)
+
+
+def _combine_states(a: State, b: State) -> State:
+    """Two GSNR states (e.g. of two data shards) as one."""
+    return {k: _combine(a[k], b[k]) if k in a and k in b else a.get(k, b.get(k))
+            for k in {**a, **b}}
 
 
 def gsnr_state_update(state: State | None, chunk: Mapping[str, Tensor]) -> State:
@@ -85,18 +94,12 @@ def gsnr_from_state(state: State, unbiased: bool = False) -> dict[str, Any]:
     return out
 
 
-@INSTRUMENTS.register("gsnr")
-class GSNR(Instrument):
+class GSNR(Instrument, name="gsnr"):
     """GSNR streamed over batches (see module). ``per_parameter()`` gives the full tensors."""
-
-    name = "gsnr"
 
     def __init__(self, chunk_size: int | None = 32, unbiased: bool = False) -> None:
         self.chunk_size, self.unbiased = chunk_size, unbiased
-        self.reset()
-
-    def reset(self) -> None:
-        self._state: State = {}
+        self.add_state("_state", {}, _combine_states)  # name -> (count, mean, M2)
 
     def update(self, probe: Probe) -> None:
         grads = require_grads(probe, "GSNR")

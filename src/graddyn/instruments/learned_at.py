@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
-from graddyn.instruments.coherence import empty_error
+from graddyn.instruments._base import Instrument, Probe, empty_error
 
 Tensor = torch.Tensor
 
@@ -37,34 +36,25 @@ def learned_at_steps(correct: Tensor, steps: Tensor) -> Tensor:
     return out
 
 
-@INSTRUMENTS.register("learned_at")
-class LearnedAt(Instrument):
+class LearnedAt(Instrument, name="learned_at"):
     """Tracks learned-at steps by training index.
 
     Keys: frac_learned, frac_learned_pristine, frac_learned_corrupt (over examples seen),
     mean_step_pristine, mean_step_corrupt (over learned ones; NaN if none), num_seen.
 
-    ``run_long=True`` keeps the record across probes of a training run (the trainer then never
-    resets it, and checkpoints it through ``state_dict``), so the steps are true learned-at
-    steps; the default starts afresh at every probe.
+    ``run_long=True`` keeps the record across probes of a training run (``accumulates``: the
+    trainer then never resets it, and checkpoints it through ``state_dict``), so the steps are
+    true learned-at steps; the default starts afresh at every probe.
     """
 
-    name = "learned_at"
     needs_grads = False
 
     def __init__(self, run_long: bool = False) -> None:
-        self.reset_each_probe = not run_long  # read by the trainer's probe runner
-        self.reset()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"start": self._start.clone(), "corrupt": self._corrupt.clone()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self._start, self._corrupt = state["start"].clone(), state["corrupt"].clone()
-
-    def reset(self) -> None:
-        self._start = torch.empty(0, dtype=torch.long)  # -1: wrong now; -2: never seen
-        self._corrupt = torch.empty(0, dtype=torch.bool)
+        self.accumulates = run_long
+        # per training index: start of the current run of correct answers; -1: wrong now,
+        # -2: never seen. Indices are not shards' disjoint ranges: no reduction.
+        self.add_state("_start", torch.empty(0, dtype=torch.long))
+        self.add_state("_corrupt", torch.empty(0, dtype=torch.bool))  # per index: in the group
 
     def _grow(self, size: int) -> None:
         if size > self._start.shape[0]:

@@ -33,7 +33,7 @@ import torch
 from scipy.optimize import LinearConstraint, minimize
 from torch import Tensor, nn
 
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
+from graddyn.instruments._base import Instrument, Probe
 
 __all__ = [
     "NonSeparableError",
@@ -193,22 +193,21 @@ def multiclass_margins(outputs: Tensor, y: Tensor) -> Tensor:
     return true - other
 
 
-@INSTRUMENTS.register("margin")
-class NormalizedMargin(Instrument):
+class NormalizedMargin(Instrument, name="margin"):
     """Smallest normalised margin over the probe batches: ``min_i q_i / |theta|^degree``.
 
     Uses ``probe.outputs`` (scores or logits), ``probe.targets`` and ``probe.model``; feed
     worst-case inputs' outputs to get the adversarial (robust) normalised margin.
     """
 
-    name = "margin"
     needs_grads = False
 
     def __init__(self, degree: int = 1) -> None:
         if degree < 1:
             raise ValueError(f"degree (homogeneity order L) must be >= 1, got {degree}")
         self.degree = degree
-        self.reset()
+        self.add_state("_norm_min", math.inf, "min")  # smallest normalised margin so far
+        self.add_state("_raw_min", math.inf, "min")  # smallest raw margin q_i so far
 
     def update(self, probe: Probe) -> None:
         if probe.outputs is None or probe.targets is None or probe.model is None:
@@ -220,7 +219,3 @@ class NormalizedMargin(Instrument):
 
     def compute(self) -> dict[str, Any]:
         return {"normalized": self._norm_min, "min_margin": self._raw_min}
-
-    def reset(self) -> None:
-        self._norm_min = math.inf
-        self._raw_min = math.inf

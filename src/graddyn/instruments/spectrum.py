@@ -26,12 +26,12 @@ Pure functions, all shapes explicit:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from scipy.signal import find_peaks
 
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
+from graddyn.instruments._base import Instrument, Probe
 
 __all__ = [
     "Spectrum",
@@ -217,8 +217,7 @@ def projection_errors(
     return (fp - ft).abs() / ft.abs()
 
 
-@INSTRUMENTS.register("spectrum")
-class Spectrum(Instrument):
+class Spectrum(Instrument, name="spectrum"):
     """Per-peak relative error of the network output on a fixed 1-D input set.
 
     ``update`` takes the probe's ``outputs`` (N,) or (N, 1) when they are N rows, else
@@ -233,8 +232,7 @@ class Spectrum(Instrument):
     {'rel_err_k1': 0.0, 'rel_err_k3': 1.0}
     """
 
-    name: ClassVar[str] = "spectrum"
-    needs_grads: ClassVar[bool] = False
+    needs_grads = False
 
     def __init__(
         self,
@@ -249,7 +247,7 @@ class Spectrum(Instrument):
         self.peaks = target_peaks(self.target_spectrum, rel_height) if peaks is None else peaks
         if len(self.peaks) == 0:
             raise ValueError("the target spectrum has no peaks; pass peaks=... explicitly")
-        self._output: torch.Tensor | None = None
+        self.add_state("_output", None)  # (N,) the latest output on x; nothing to combine
 
     @property
     def peak_frequencies(self) -> torch.Tensor:
@@ -276,6 +274,3 @@ class Spectrum(Instrument):
         out = {f"rel_err_k{int(k)}": float(e) for k, e in zip(self.peaks, errs, strict=True)}
         out["loss"] = float((self._output - self.target).square().mean())
         return out
-
-    def reset(self) -> None:
-        self._output = None

@@ -27,8 +27,7 @@ import torch
 
 from graddyn._gram import cosine_matrix, host64, host_pairs
 from graddyn._kernels import pair_kernels
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
-from graddyn.instruments.coherence import empty_error, require_grads
+from graddyn.instruments._base import Instrument, Probe, empty_error, require_grads
 
 Tensor = torch.Tensor
 
@@ -116,22 +115,28 @@ def _means_numpy(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(scalars), means
 
 
-@INSTRUMENTS.register("stiffness")
-class Stiffness(Instrument):
+def _add_sums(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Two (3, K, K) class-pair sums, the smaller K padded with zeros (classes not seen)."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a.shape[1] < b.shape[1]:
+        a, b = b, a
+    out = a.copy()
+    k = b.shape[1]
+    out[:, :k, :k] += b
+    return out
+
+
+class Stiffness(Instrument, name="stiffness"):
     """Sign and cosine stiffness pooled over within-batch pairs; needs ``Probe.targets``.
 
     Keys: cosine, cosine_within, cosine_between, cosine_matrix (K, K), and the same for
     sign. ``num_classes=None`` grows K to the largest label seen.
     """
 
-    name = "stiffness"
-
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes
-        self.reset()
-
-    def reset(self) -> None:
-        self._sums: np.ndarray | None = None  # (3, K, K): cosine, sign, counts
+        self.add_state("_sums", None, _add_sums)  # (3, K, K): cosine, sign, counts
 
     def update(self, probe: Probe) -> None:
         gram, cos = host_pairs(require_grads(probe, "Stiffness"))  # (B, B) float64
@@ -140,13 +145,7 @@ class Stiffness(Instrument):
         k = self.num_classes or int(probe.targets.max()) + 1
         if self._sums is not None and not self.num_classes and self._sums.shape[1] > k:
             k = self._sums.shape[1]
-        new = _sums(gram, probe.targets, k, cos)
-        if self._sums is None:
-            self._sums = new
-            return
-        old_k = self._sums.shape[1]
-        new[:, :old_k, :old_k] += self._sums
-        self._sums = new
+        self._sums = _add_sums(_sums(gram, probe.targets, k, cos), self._sums)
 
     def compute(self) -> dict[str, Any]:
         if self._sums is None:

@@ -2,10 +2,9 @@
 its result is shared by every instrument that is due and ``needs_grads``.
 
 No instrument is special here: the runner only uses the ``Instrument`` contract
-(``needs_grads``, ``update / compute / reset``) plus two optional hooks:
-``reset_each_probe`` (class attribute, default True; False for instruments that accumulate
-over the whole run, such as "first step each example is learned") and
-``state_dict / load_state_dict`` (checkpointed, for those accumulating ones).
+(``needs_grads``, ``update / compute / reset``, ``accumulates``): an instrument that
+accumulates over the whole run (such as "first step each example is learned") is never reset
+between probes, and its ``state_dict`` is checkpointed.
 """
 
 from __future__ import annotations
@@ -104,11 +103,13 @@ class ProbeRunner:
         )
 
     def state_dicts(self) -> list[Any]:
-        return [state_dict_of(inst) for inst, _ in self.instruments]
+        """The run-long instruments' states (None for the others: reset at every probe)."""
+        return [inst.state_dict() if inst.accumulates else None for inst, _ in self.instruments]
 
     def load_state_dicts(self, states: list[Any]) -> None:
         for (inst, _), sd in zip(self.instruments, states):
-            load_state_dict_into(inst, sd)
+            if sd is not None:
+                inst.load_state_dict(sd)
 
 
 def measure(due: Sequence[Instrument], probes: Iterable[Probe]
@@ -125,7 +126,7 @@ def measure(due: Sequence[Instrument], probes: Iterable[Probe]
 def reset_due(due: Sequence[Instrument]) -> None:
     """Start a measurement: reset every instrument that does not accumulate over the run."""
     for inst in due:
-        if getattr(inst, "reset_each_probe", True):
+        if not inst.accumulates:
             inst.reset()
 
 
