@@ -95,9 +95,9 @@ def make_step(method: str, model: nn.Module, c: int):
     if method.startswith("graddyn"):
         from graddyn.interventions.winsorize import WinsorizedGradient, _engine
 
-        engine = "capture" if _engine() is not None else "func"
-        note = "" if engine == "capture" else "engine unavailable: torch.func fallback"
-        rule = WinsorizedGradient(c, engine=engine)
+        grads_from = "capture" if _engine() is not None else "func"
+        note = "" if grads_from == "capture" else "engine unavailable: torch.func fallback"
+        rule = WinsorizedGradient(c, grads_from=grads_from)
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)

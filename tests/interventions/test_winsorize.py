@@ -3,11 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from graddyn.interventions.winsorize import (
-    WinsorizedGradient,
-    per_example_cross_entropy,
-    winsorized_gradients,
-)
+from graddyn.interventions.winsorize import WinsorizedGradient, winsorized_gradients
+from graddyn.train import per_example_cross_entropy
 
 
 def model_and_batch(b: int = 12):
@@ -32,24 +29,25 @@ def reference(model, x, y, c):
     return out
 
 
-@pytest.mark.parametrize("engine", ["auto", "func"])
+@pytest.mark.parametrize("grads_from", ["auto", "func"])
 @pytest.mark.parametrize("c", [1, 2, 5])
-def test_rule_matches_percentile_reference(engine, c):
+def test_rule_matches_percentile_reference(grads_from, c):
     model, x, y = model_and_batch()
-    losses = WinsorizedGradient(c, engine=engine).compute(model, x, y, per_example_cross_entropy)
+    rule = WinsorizedGradient(c, grads_from=grads_from)
+    losses = rule.compute(model, x, y, per_example_cross_entropy)
     assert losses.shape == (12,) and not losses.requires_grad
     for p, ref in zip(model.parameters(), reference(model, x, y, c)):
         assert torch.allclose(p.grad, ref, atol=1e-12)
 
 
-@pytest.mark.parametrize("engine", ["capture", "func"])
-def test_eager_fallback_matches_the_reference(engine, monkeypatch):
-    """With the compiled kernel switched off (GRADDYN_NO_KERNEL=1) both engines still agree."""
+@pytest.mark.parametrize("grads_from", ["capture", "func"])
+def test_reference_fallback_matches_the_reference(grads_from, monkeypatch):
+    """With the compiled kernel switched off (GRADDYN_NO_KERNEL=1) both sources still agree."""
     import graddyn._kernels as switch
 
     monkeypatch.setattr(switch, "ENABLED", False)
     model, x, y = model_and_batch()
-    WinsorizedGradient(2, engine=engine).compute(model, x, y, per_example_cross_entropy)
+    WinsorizedGradient(2, grads_from=grads_from).compute(model, x, y, per_example_cross_entropy)
     for p, ref in zip(model.parameters(), reference(model, x, y, 2)):
         assert torch.allclose(p.grad, ref, atol=1e-12)
 
@@ -93,12 +91,12 @@ def test_errors():
         WinsorizedGradient(-1)
     with pytest.raises(TypeError, match="must be an int"):
         WinsorizedGradient(0.5)
-    with pytest.raises(ValueError, match="engine must be"):
-        WinsorizedGradient(1, engine="magic")
+    with pytest.raises(ValueError, match="grads_from must be"):
+        WinsorizedGradient(1, grads_from="magic")
     with pytest.raises(ValueError, match="memory_budget_bytes"):
         WinsorizedGradient(1, memory_budget_bytes=0)
     with pytest.raises(ValueError, match="per-example losses"):
-        WinsorizedGradient(1, engine="func").compute(model, x, y, nn.functional.cross_entropy)
+        WinsorizedGradient(1, grads_from="func").compute(model, x, y, nn.functional.cross_entropy)
     with pytest.raises(ValueError, match="per-example losses"):
         WinsorizedGradient(0).compute(model, x, y, nn.functional.cross_entropy)
 
@@ -109,6 +107,6 @@ def test_capture_engine_missing_is_reported(monkeypatch):
     monkeypatch.setattr(W, "_engine", lambda: None)
     model, x, y = model_and_batch()
     with pytest.raises(RuntimeError, match="cannot be imported"):
-        WinsorizedGradient(1, engine="capture").compute(model, x, y, per_example_cross_entropy)
+        WinsorizedGradient(1, grads_from="capture").compute(model, x, y, per_example_cross_entropy)
     WinsorizedGradient(1).compute(model, x, y, per_example_cross_entropy)  # auto falls back
     assert model[0].weight.grad is not None

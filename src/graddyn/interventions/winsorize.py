@@ -12,9 +12,10 @@ Two entry points:
   gradients (dict name -> (B, *shape)), column-chunked under a memory budget.
 - ``WinsorizedGradient(c)``: the gradient rule for a training loop. ``compute(model, x, y,
   loss_fn)`` runs forward, gets per-example gradients from the engine (``graddyn.capture``;
-  ``torch.func`` if the engine cannot be imported), writes the winsorized mean into ``p.grad``
-  and returns the detached per-example losses (B,). Calling the object as
-  ``rule(model, loss_fn, batch)`` is the ``graddyn.train`` GradientRule protocol.
+  ``torch.func`` if the engine cannot be imported, or with ``grads_from="func"``), writes the
+  winsorized mean into ``p.grad`` and returns the detached per-example losses (B,). Calling
+  the object as ``rule(model, loss_fn, batch)`` is the ``graddyn.train`` GradientRule
+  protocol.
 
 Cost: one forward/backward, the plain per-coordinate sum, and the c + 1 largest and smallest
 per-example values per coordinate (``winsorized_mean`` of a ``BatchGrads``). With the compiled
@@ -23,6 +24,7 @@ rest is materialised in row blocks within ``memory_budget_bytes``; without it (k
 switched off, numba missing, not CPU) the sorting reference runs on the blocks. Speed:
 ``docs/benchmarks_winsorize.md``.
 
+>>> from graddyn.train import per_example_cross_entropy
 >>> model = torch.nn.Linear(3, 2)
 >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
 >>> losses = WinsorizedGradient(c=1).compute(model, x, y, per_example_cross_entropy)
@@ -36,18 +38,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddyn._robust import check_c, winsorized_mean_chunked
+from graddyn.train._rules import LossFn, check_losses
 
-LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs (B, ...), targets (B,)) -> (B,)
 DEFAULT_BUDGET = 1 << 23  # 8 MiB: 4 MiB blocks + the kernel's workspace (cache-sized, fast)
-
-
-def per_example_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy per example: (B, K), (B,) -> (B,)."""
-    return F.cross_entropy(outputs, targets, reduction="none")
+GRADS_FROM = ("auto", "capture", "func")
+"""Where per-example gradients come from: the engine (``graddyn.capture``), ``torch.func``
+(vmap over grad), or "auto": the engine if it can be imported."""
 
 
 def winsorized_gradients(
@@ -59,14 +58,6 @@ def winsorized_gradients(
         flat = g.reshape(g.shape[0], -1)
         out[name] = winsorized_mean_chunked(flat, c, memory_budget_bytes).reshape(g.shape[1:])
     return out
-
-
-def _check_losses(losses: Tensor, batch_size: int) -> None:
-    if losses.shape != (batch_size,):
-        raise ValueError(
-            f"loss_fn must return per-example losses of shape ({batch_size},), got "
-            f"{tuple(losses.shape)}; use reduction='none' (e.g. per_example_cross_entropy)"
-        )
 
 
 def _func_per_example(
@@ -93,14 +84,15 @@ class WinsorizedGradient:
     per-example gradients, per coordinate. See the module docstring."""
 
     def __init__(
-        self, c: int, memory_budget_bytes: int = DEFAULT_BUDGET, engine: str = "auto"
+        self, c: int, memory_budget_bytes: int = DEFAULT_BUDGET, grads_from: str = "auto"
     ) -> None:
         check_c(c, 2 * c + 1)  # type and sign now; c < B/2 is checked per batch
-        if engine not in ("auto", "capture", "func"):
-            raise ValueError(f"engine must be 'auto', 'capture' or 'func', got {engine!r}")
+        if grads_from not in GRADS_FROM:
+            raise ValueError(f"grads_from must be 'auto', 'capture' or 'func', got "
+                             f"{grads_from!r}")
         if memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
-        self.c, self.memory_budget_bytes, self.engine = c, memory_budget_bytes, engine
+        self.c, self.memory_budget_bytes, self.grads_from = c, memory_budget_bytes, grads_from
 
     def compute(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
         """Fill ``p.grad`` for this batch; return the detached (B,) per-example losses."""
@@ -108,7 +100,7 @@ class WinsorizedGradient:
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if self.c == 0:  # exactly the ordinary minibatch gradient
             losses = loss_fn(model(x), y)
-            _check_losses(losses, x.shape[0])
+            check_losses(losses, x.shape[0])
             losses.mean().backward()
             return losses.detach()
         grads, losses = self._winsorized(model, x, y, loss_fn, list(named))
@@ -125,18 +117,19 @@ class WinsorizedGradient:
     def _winsorized(
         self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, names: list[str]
     ) -> tuple[dict[str, Tensor], Tensor]:
-        capture = _engine() if self.engine != "func" else None
-        if capture is None and self.engine == "capture":
-            raise RuntimeError("engine='capture' but graddyn.pergrad cannot be imported")
+        capture = _engine() if self.grads_from != "func" else None
+        if capture is None and self.grads_from == "capture":
+            raise RuntimeError("grads_from='capture' but the engine (graddyn.pergrad) cannot "
+                               "be imported")
         if capture is None:
             per, losses = _func_per_example(model, x, y, loss_fn, names)
-            _check_losses(losses, x.shape[0])
+            check_losses(losses, x.shape[0])
             return winsorized_gradients(per, self.c, self.memory_budget_bytes), losses
         from graddyn.interventions._winsorized_mean import winsorized_mean
 
         with capture(model) as cap:
             losses = loss_fn(model(x), y)
-        _check_losses(losses, x.shape[0])
+        check_losses(losses, x.shape[0])
         grads = winsorized_mean(cap.backward(losses), self.c, self.memory_budget_bytes)
         return grads, losses.detach()
 
