@@ -1,5 +1,5 @@
-"""Cosines from a Gram matrix, shared by the engine (``BatchGrads``) and the instruments
-(coherence, confusion, stiffness), so one measurement step computes them once.
+"""The host copy of a Gram matrix and its cosines, shared by the instruments (coherence,
+confusion, stiffness) through ``host_pairs``, so one measurement step computes them once.
 
 The instruments' statistics are a few dozen reductions over the B x B Gram (~10^4 numbers
 at B = 100). They run on the host in NumPy float64 (``host_pairs``): one transfer of the

@@ -46,9 +46,9 @@ def _sums(gram: Tensor | np.ndarray, labels: Tensor, num_classes: int,
           cosines: Tensor | np.ndarray | None = None) -> np.ndarray:
     """``stiffness_sums`` as one (3, K, K) float64 array (cosine, sign, counts).
 
-    Computed on the host: compiled (``graddyn._kernels.pairs_jit``) where numba is available, else
-    ``_sums_numpy``; O(B^2 K) work in a handful of calls either way, where torch's per-call
-    dispatch would dominate at B = 100 (this runs every training step)."""
+    Computed on the host: compiled (``graddyn._kernels.pairs_jit``) where numba is available,
+    else the reference ``_sums_numpy``; O(B^2 K) work in a handful of calls either way, where
+    torch's per-call dispatch would dominate at B = 100 (this runs every training step)."""
     b = gram.shape[0]
     if labels.shape != (b,):
         raise ValueError(f"labels must be ({b},) to match the Gram, got {tuple(labels.shape)}")
