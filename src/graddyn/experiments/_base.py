@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -80,3 +81,24 @@ def first_sentence(doc: str) -> str:
 
 # name -> Experiment subclass; each module graddyn/experiments/<name>.py registers itself.
 EXPERIMENTS: Registry[type[Experiment]] = Registry("experiment")
+
+
+def register_experiment(name: str, summary: str, config: type[Any],
+                        run: Callable[[Any, Run], None],
+                        report: Callable[[list[Run], Path], list[Path]],
+                        demo: Any = None) -> type[Experiment]:
+    """Register an experiment made of a config class and plain ``run`` / ``report``
+    functions (most are): the ``Experiment`` subclass is built here, not by hand in each
+    module. ``summary`` is its one-line docstring (``graddyn list`` reads it from the
+    source: keep it a string literal); ``demo``: the config ``graddyn demo`` runs
+    (default ``config()``)."""
+    body: dict[str, Any] = {
+        "__doc__": summary, "__module__": getattr(run, "__module__", __name__),
+        "Config": config,
+        "run": lambda self, cfg, r: run(cfg, r),
+        "report": lambda self, runs, out_dir: report(runs, Path(out_dir)),
+    }
+    if demo is not None:
+        body["demo_config"] = lambda self: demo
+    cls = type(config.__name__.removesuffix("Config") or name, (Experiment,), body)
+    return EXPERIMENTS.register(name)(cls)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._seeds import SeedRun, check_seeds
 from graddyn.experiments._shapes import ShapesData, make_shapes
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
@@ -219,17 +219,7 @@ def _figure(run: SeedRun, cfg: AdmVsGdConfig, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-@EXPERIMENTS.register("adm-vs-gd")
-class AdmVsGd(Experiment):
-    """ADM with graph cuts vs GD on a scribble-supervised Potts-regularised segmentation loss."""
-
-    Config = AdmVsGdConfig
-
-    def run(self, config: AdmVsGdConfig, run: Run) -> None:
-        run_adm_vs_gd(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_adm_vs_gd(runs, out_dir)
-
-    def demo_config(self) -> AdmVsGdConfig:
-        return AdmVsGdConfig(n_images=6, outer=8)
+register_experiment(
+    "adm-vs-gd",
+    "ADM with graph cuts vs GD on a scribble-supervised Potts-regularised segmentation loss.",
+    AdmVsGdConfig, run_adm_vs_gd, report_adm_vs_gd, demo=AdmVsGdConfig(n_images=6, outer=8))

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from graddyn.data import load_dataset
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._seeds import SeedRun, check_seeds
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
@@ -293,17 +293,8 @@ def _figure(run: SeedRun, cfg: AdversarialBiasConfig, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-@EXPERIMENTS.register("adversarial-bias")
-class AdversarialBias(Experiment):
-    """Adversarial GD on separable data converges to the (mixed-norm) max-margin direction."""
-
-    Config = AdversarialBiasConfig
-
-    def run(self, config: AdversarialBiasConfig, run: Run) -> None:
-        run_adversarial_bias(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_adversarial_bias(runs, out_dir)
-
-    def demo_config(self) -> AdversarialBiasConfig:
-        return AdversarialBiasConfig(steps=2000, net_steps=100)
+register_experiment(
+    "adversarial-bias",
+    "Adversarial GD on separable data converges to the (mixed-norm) max-margin direction.",
+    AdversarialBiasConfig, run_adversarial_bias, report_adversarial_bias,
+    demo=AdversarialBiasConfig(steps=2000, net_steps=100))

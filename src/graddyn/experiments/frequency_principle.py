@@ -34,7 +34,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._seeds import check_seeds
 from graddyn.experiments._stats import RULE, all_of, effect_verdict, mean_ci
 from graddyn.instruments._base import Probe
@@ -328,17 +328,8 @@ def report_frequency_principle(runs: Sequence[Run], out_dir: Path) -> list[Path]
     return paths
 
 
-@EXPERIMENTS.register("frequency-principle")
-class FrequencyPrinciple(Experiment):
-    """Which frequencies SGD, Adam, CG, BFGS, L-BFGS, Powell and PSO learn first (F-principle)."""
-
-    Config = FrequencyPrincipleConfig
-
-    def run(self, config: FrequencyPrincipleConfig, run: Run) -> None:
-        run_frequency_principle(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_frequency_principle(runs, out_dir)
-
-    def demo_config(self) -> FrequencyPrincipleConfig:
-        return FrequencyPrincipleConfig(max_evals=2000, n_records=20)
+register_experiment(
+    "frequency-principle",
+    "Which frequencies SGD, Adam, CG, BFGS, L-BFGS, Powell and PSO learn first (F-principle).",
+    FrequencyPrincipleConfig, run_frequency_principle, report_frequency_principle,
+    demo=FrequencyPrincipleConfig(max_evals=2000, n_records=20))

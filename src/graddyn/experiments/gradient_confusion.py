@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn.data import DataSplits
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.data import DataSplits, subsample
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._config import ConfigError, config_from_dict
 from graddyn.experiments._confusion_study import (
     ABSENCE_SLOPE,
@@ -59,7 +59,7 @@ from graddyn.models import build_model, init_weights
 from graddyn.train import NonFiniteLossError, Run, Trainer, at_end, every, new_figure, seed_all
 from graddyn.train import save_figure as _save
 
-__all__ = ["Cell", "GradientConfusion", "GradientConfusionConfig", "make_cells", "make_model",
+__all__ = ["Cell", "GradientConfusionConfig", "make_cells", "make_model",
            "report_gradient_confusion", "run_gradient_confusion",
            "study_table"]
 
@@ -199,12 +199,10 @@ def make_model(cell: Cell, data: DataSplits) -> nn.Module:
 
 def load_data(cfg: GradientConfusionConfig) -> DataSplits:
     """The dataset in the default dtype; ``max_train`` examples (seeded subsample) if set."""
-    d = load_study_data(cfg.dataset, "", cfg.preprocess)
+    d = subsample(load_study_data(cfg.dataset, "", cfg.preprocess), cfg.max_train or None,
+                  generator=torch.Generator().manual_seed(cfg.seed))
     dtype = torch.get_default_dtype()
-    keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(cfg.seed))
-    keep = keep[: cfg.max_train] if cfg.max_train else torch.arange(len(d.train_y))
-    d = replace(d, train_x=d.train_x[keep].to(dtype), train_y=d.train_y[keep],
-                test_x=d.test_x.to(dtype))
+    d = replace(d, train_x=d.train_x.to(dtype), test_x=d.test_x.to(dtype))
     if len(d.train_y) < max(cfg.batch_size, cfg.mb_size):
         raise ConfigError(f"{len(d.train_y)} training examples is fewer than batch_size="
                          f"{cfg.batch_size} / mb_size={cfg.mb_size}; lower them or max_train")
@@ -392,17 +390,8 @@ def report_gradient_confusion(runs: list[Run], out_dir: Path) -> list[Path]:
     return paths
 
 
-@EXPERIMENTS.register("gradient-confusion")
-class GradientConfusion(Experiment):
-    """Gradient confusion vs width, depth, batch norm + skip, init (Sankararaman et al. 2020)."""
-
-    Config = GradientConfusionConfig
-
-    def run(self, config: GradientConfusionConfig, run: Run) -> None:
-        run_gradient_confusion(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_gradient_confusion(runs, out_dir)
-
-    def demo_config(self) -> GradientConfusionConfig:
-        return GradientConfusionConfig(study="depth", depths=(1, 4, 16), seeds=(0,), epochs=3)
+register_experiment(
+    "gradient-confusion",
+    "Gradient confusion vs width, depth, batch norm + skip, init (Sankararaman et al. 2020).",
+    GradientConfusionConfig, run_gradient_confusion, report_gradient_confusion,
+    demo=GradientConfusionConfig(study="depth", depths=(1, 4, 16), seeds=(0,), epochs=3))

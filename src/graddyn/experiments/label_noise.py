@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -53,6 +52,7 @@ from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.experiments._label_noise_report import draw_report
 from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.instruments import BatchCoherence, GroupSplit, Instrument, LearnedAt, Probe
+from graddyn.models import evaluate
 from graddyn.models._init import check_scheme
 from graddyn.train import Run, Trainer, at, at_end, every, logspaced
 
@@ -120,14 +120,6 @@ def level_tag(fraction: float, seed: int | None = None) -> str:
     return tag if seed is None else f"seed{seed}/{tag}"
 
 
-def noisy_data(cfg: LabelNoiseConfig, splits: Any, fraction: float, seed: int
-               ) -> tuple[SimpleNamespace, Tensor]:
-    """Training set (``n_train`` subset if set) with ``fraction`` of labels shuffled among
-    themselves (seeded by ``seed``: the corrupt sets of the levels are nested), clean
-    test set. Returns (data with ``clean_y`` kept, corrupt mask (N,) bool)."""
-    return noisy_subset(splits, cfg.n_train, fraction, seed)
-
-
 class Fit(Instrument):
     """Loss and accuracy of the probe examples (against their, possibly noisy, labels) and of
     a held-out set evaluated with the probe's model at ``compute``. Keys: train_loss,
@@ -162,18 +154,10 @@ class Fit(Instrument):
             out.update(self._held_out(self._model))
         return out
 
-    @torch.no_grad()
     def _held_out(self, model: torch.nn.Module) -> dict[str, float]:
         assert self.test_x is not None and self.test_y is not None
-        was_training = model.training
-        model.eval()
-        loss, correct = 0.0, 0
-        for xb, yb in zip(self.test_x.split(self.batch_size), self.test_y.split(self.batch_size)):
-            out = model(xb)  # (b, K)
-            loss += float(torch.nn.functional.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(-1) == yb).sum())
-        model.train(was_training)
-        return {"test_loss": loss / len(self.test_y), "test_acc": correct / len(self.test_y)}
+        loss, acc = evaluate(model, self.test_x, self.test_y, self.batch_size)
+        return {"test_loss": loss, "test_acc": acc}
 
 
 def _schedules(cfg: LabelNoiseConfig) -> dict[str, Any]:
@@ -221,7 +205,7 @@ class LabelNoise(Experiment):
         from graddyn.models import build_model
 
         tag = level_tag(fraction, seed)
-        data, mask = noisy_data(cfg, splits, fraction, seed)
+        data, mask = noisy_subset(splits, cfg.n_train, fraction, seed)
         writes = run is not None and not run.readonly
         if writes:
             run.log_array(f"{tag}/corrupt_mask", mask)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, write_verdicts
@@ -307,17 +307,8 @@ def _figure(run: SeedRun, target: float, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-@EXPERIMENTS.register("learned-init")
-class LearnedInitExperiment(Experiment):
-    """Learned vs random vs hand-crafted starts: PGD attacks on digits, sinusoid regression."""
-
-    Config = LearnedInitConfig
-
-    def run(self, config: LearnedInitConfig, run: Run) -> None:
-        run_learned_init(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_learned_init(runs, out_dir)
-
-    def demo_config(self) -> LearnedInitConfig:
-        return LearnedInitConfig(n_fit=200, n_eval=100, n_tasks_fit=10, n_tasks_eval=4)
+register_experiment(
+    "learned-init",
+    "Learned vs random vs hand-crafted starts: PGD attacks on digits, sinusoid regression.",
+    LearnedInitConfig, run_learned_init, report_learned_init,
+    demo=LearnedInitConfig(n_fit=200, n_eval=100, n_tasks_fit=10, n_tasks_eval=4))

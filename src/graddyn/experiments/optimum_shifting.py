@@ -59,7 +59,7 @@ from graddyn.curvature import (
     hutchinson_trace,
     top_eigenvalues,
 )
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._config import ConfigError
 from graddyn.experiments._seeds import load_study_data
 from graddyn.interventions.optimum_shift import (
@@ -349,19 +349,14 @@ def run_optimum_shifting(cfg: OptimumShiftingConfig, run: Run) -> None:
                 run_pair(cfg, run, model_name, method, seed, fit, wd)
 
 
-@EXPERIMENTS.register("optimum-shifting")
-class OptimumShifting(Experiment):
-    """Optimum shifting (OS / stochastic OS) vs SGD and tuned weight decay, with Hessian trace."""
+def _report(runs: list[Run], out_dir: Path) -> list[Path]:
+    from graddyn.experiments._optimum_shifting_report import report_optimum_shifting
 
-    Config = OptimumShiftingConfig
+    return report_optimum_shifting(runs, out_dir)
 
-    def run(self, config: OptimumShiftingConfig, run: Run) -> None:
-        run_optimum_shifting(config, run)
 
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        from graddyn.experiments._optimum_shifting_report import report_optimum_shifting
-
-        return report_optimum_shifting(runs, Path(out_dir))
-
-    def demo_config(self) -> OptimumShiftingConfig:
-        return OptimumShiftingConfig(models=("cnn",), seeds=(0, 1), steps=150)
+register_experiment(
+    "optimum-shifting",
+    "Optimum shifting (OS / stochastic OS) vs SGD and tuned weight decay, with Hessian trace.",
+    OptimumShiftingConfig, run_optimum_shifting, _report,
+    demo=OptimumShiftingConfig(models=("cnn",), seeds=(0, 1), steps=150))

@@ -35,8 +35,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from graddyn.data import flip_labels
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.data import flip_labels, subsample
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._config import ConfigError, config_from_dict
 from graddyn.experiments._seeds import check_seeds, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
@@ -46,7 +46,7 @@ from graddyn.models import build_model
 from graddyn.train import Run, Trainer, at, at_end, every, new_figure, save_figure
 from graddyn.train._rules import per_example_cross_entropy
 
-__all__ = ["TracInMislabel", "TracInMislabelConfig", "checkpoint_subset", "fraction_found",
+__all__ = ["TracInMislabelConfig", "checkpoint_subset", "fraction_found",
            "report_tracin_mislabel", "run_tracin_mislabel"]
 
 CHECKED = (0.1, 0.2, 0.3)  # fractions of the data checked that the summary reports
@@ -117,10 +117,7 @@ def _found_at(curve: np.ndarray, frac: float) -> float:
 def _setup(cfg: TracInMislabelConfig, seed: int) -> tuple:
     """-> (data with flipped training labels, corrupt mask (N,), model) of one seed."""
     d = load_study_data(cfg.dataset, "", cfg.preprocess)
-    if cfg.max_train:
-        keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(
-            seed + 1))[:cfg.max_train]
-        d = replace(d, train_x=d.train_x[keep], train_y=d.train_y[keep])
+    d = subsample(d, cfg.max_train or None, generator=torch.Generator().manual_seed(seed + 1))
     noisy, mask = flip_labels(d.train_y, cfg.noise, d.num_classes,
                               torch.Generator().manual_seed(seed + 2))
     torch.manual_seed(seed)
@@ -306,14 +303,7 @@ def report_tracin_mislabel(runs: list[Run], out_dir: Path) -> list[Path]:
     return paths
 
 
-@EXPERIMENTS.register("tracin.mislabel")
-class TracInMislabel(Experiment):
-    """Rank training examples by TracIn self-influence to find flipped labels (Pruthi 2020)."""
-
-    Config = TracInMislabelConfig
-
-    def run(self, config: TracInMislabelConfig, run: Run) -> None:
-        run_tracin_mislabel(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_tracin_mislabel(runs, out_dir)
+register_experiment(
+    "tracin.mislabel",
+    "Rank training examples by TracIn self-influence to find flipped labels (Pruthi 2020).",
+    TracInMislabelConfig, run_tracin_mislabel, report_tracin_mislabel)

@@ -52,12 +52,11 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from graddyn._robust import check_c
 from graddyn.experiments._base import EXPERIMENTS, Experiment
@@ -134,15 +133,6 @@ class WinsorizeConfig:
         return self.n_train or (0 if self.dataset == "mnist" else SUBSET_TRAIN)
 
 
-def noisy_split(cfg: WinsorizeConfig, splits: Any, seed: int
-                ) -> tuple[SimpleNamespace, Tensor]:
-    """The training set (a seeded subset of ``cfg.train_size`` images, all if 0) with
-    ``cfg.noise`` of its labels shuffled among themselves, and the clean test set.
-    Seeds follow ``coherent-gradients.label-noise`` (subset: seed; corruption: seed + 1).
-    Returns (data with ``train_x, train_y, clean_y, test_x, test_y``, corrupt mask (N,))."""
-    return noisy_subset(splits, cfg.train_size, cfg.noise, seed)
-
-
 def build_network(cfg: WinsorizeConfig, splits: Any, seed: int) -> nn.Module:
     """The paper's MLP (``width`` x ``depth`` ReLU) or the small CNN, seeded by ``seed`` so
     every (noise, c) point of a seed starts from the same weights."""
@@ -161,7 +151,7 @@ def build_network(cfg: WinsorizeConfig, splits: Any, seed: int) -> nn.Module:
 def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int) -> Trainer:
     """Model, SGD, the winsorized rule and the evaluation / checkpoint schedules of one seed
     (metrics and checkpoints under the tag ``seed<s>``)."""
-    data, mask = noisy_split(cfg, splits, seed)
+    data, mask = noisy_subset(splits, cfg.train_size, cfg.noise, seed)
     model = build_network(cfg, splits, seed).to(data.train_x.dtype)
     rule = WinsorizedGradient(cfg.c, memory_budget_bytes=int(cfg.memory_budget_mb * 2**20))
     steps = cfg.total_steps

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from graddyn.instruments._base import Instrument, Probe
+from graddyn.models._utils import evaluate
 from graddyn.pergrad import Capture, capture
 from graddyn.pergrad._distributed import gather_rows, unwrap
 from graddyn.train._events import Batch, Event, Intervention, State
@@ -308,35 +309,20 @@ class Trainer:
                 iv.apply(event, st)
 
     # ---- evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss (and accuracy, for class logits) on the training and test sets, in eval
         mode, ``eval_batch_size`` examples at a time. Keys ``train/loss``, ``train/acc``, ..."""
         out: dict[str, float] = {}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for split in ("train", "test"):
-                x = getattr(self.data, f"{split}_x", None)
-                y = getattr(self.data, f"{split}_y", None)
-                if x is not None and y is not None and len(y) > 0:
-                    out.update(self._eval_split(split, x, y))
-        finally:
-            self.model.train(was_training)
+        for split in ("train", "test"):
+            x = getattr(self.data, f"{split}_x", None)
+            y = getattr(self.data, f"{split}_y", None)
+            if x is not None and y is not None and len(y) > 0:
+                loss, acc = evaluate(self.model, x, y, self.eval_batch_size,
+                                     lambda out, t: self.loss_fn(out, t).sum())
+                out[f"{split}/loss"] = loss
+                if acc is not None:
+                    out[f"{split}/acc"] = acc
         return out
-
-    def _eval_split(self, split: str, x: Tensor, y: Tensor) -> dict[str, float]:
-        loss_sum, correct, is_cls = 0.0, 0, True
-        for xb, yb in zip(x.split(self.eval_batch_size), y.split(self.eval_batch_size)):
-            out = self.model(xb)
-            loss_sum += float(self.loss_fn(out, yb).sum())
-            is_cls = is_cls and out.dim() == 2 and not yb.is_floating_point()
-            if is_cls:
-                correct += int((out.argmax(dim=1) == yb).sum())
-        res = {f"{split}/loss": loss_sum / len(y)}
-        if is_cls:
-            res[f"{split}/acc"] = correct / len(y)
-        return res
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint_state(self, st: State) -> dict[str, Any]:
