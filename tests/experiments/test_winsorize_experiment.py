@@ -35,7 +35,7 @@ from graddyn.experiments.winsorize import (
     WinsorizeConfig,
     build_network,
 )
-from graddyn.train import Trainer, at_end, every
+from graddyn.train import Recording, Trainer, at_end, every
 
 NAME = "coherent-gradients.winsorize"
 TINY = ["dataset=digits", "n_train=100", "width=8", "depth=1", "steps=6", "batch_size=20",
@@ -101,9 +101,9 @@ def test_c0_equals_plain_mean_loss_rule(tmp_path):
     model = build_network(cfg, splits, seed=4).to(data.train_x.dtype)
     import torch
 
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-                      batch_size=cfg.batch_size, seed=4, progress=False,
-                      eval_schedule=every(2) | at_end)  # default rule: mean-loss backward
+    trainer = Trainer(  # the default gradient step: mean-loss backward
+        model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data, batch_size=cfg.batch_size,
+        seed=4, progress=False, recording=Recording(eval=every(2) | at_end))
     trainer.fit(cfg.total_steps)
     for name in ("train/batch_loss", "train/acc", "test/acc", "test/loss"):
         plain = [v for _, n, v in sorted(trainer.history) if n == name]

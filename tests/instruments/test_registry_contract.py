@@ -6,6 +6,8 @@ import torch
 
 from graddyn.instruments import INSTRUMENTS
 
+from .conftest import CORRUPT
+
 MINE = ["coherence", "batch_coherence", "confusion", "stiffness", "gsnr", "group_split",
         "learned_at"]
 
@@ -16,7 +18,8 @@ def test_contract(name, batches):
     for p in batches:
         p.outputs = torch.randn(len(p.targets), 3, generator=torch.Generator().manual_seed(p.step))
         p.indices = torch.arange(len(p.targets)) + 10 * p.step
-    a, b = cls(), cls()
+    kw = {"corrupt": CORRUPT} if name == "group_split" else {}
+    a, b = cls(**kw), cls(**kw)
     with pytest.raises(RuntimeError, match="update"):
         a.compute()
     for p in batches:
@@ -44,7 +47,9 @@ def test_run_long_options_survive_probes_and_checkpoints():
     from graddyn.instruments import GroupSplit, LearnedAt, Probe
 
     assert LearnedAt().reset_each_probe and not LearnedAt(run_long=True).reset_each_probe
-    assert GroupSplit().reset_each_probe and not GroupSplit(cumulative=True).reset_each_probe
+    mask = torch.zeros(4, dtype=torch.bool)
+    assert GroupSplit(mask).reset_each_probe
+    assert not GroupSplit(mask, cumulative=True).reset_each_probe
     inst = LearnedAt(run_long=True)
     out = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
     inst.update(Probe(outputs=out, targets=torch.tensor([0, 0]), indices=torch.tensor([3, 5]),

@@ -15,11 +15,22 @@ from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.instruments._base import Instrument, Probe
-from graddyn.train import Event, OnEvent, Run, Trainer, at_end, every, new_figure, save_figure
+from graddyn.train import (
+    Event,
+    OnEvent,
+    Probes,
+    Recording,
+    Run,
+    Trainer,
+    at_end,
+    every,
+    new_figure,
+    save_figure,
+)
 
 
 @dataclass(frozen=True)
@@ -53,14 +64,15 @@ class GroupLoss(Instrument):
     name: ClassVar[str] = "group_loss"
     needs_grads: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self, corrupt: Tensor) -> None:
+        self.corrupt = corrupt  # (N,) bool over the training set
         self.reset()
 
     def update(self, probe: Probe) -> None:
-        assert probe.losses is not None and probe.groups is not None
-        self.sums += torch.stack([probe.losses[~probe.groups].sum(),
-                                  probe.losses[probe.groups].sum()])
-        self.counts += torch.stack([(~probe.groups).sum(), probe.groups.sum()])
+        assert probe.losses is not None and probe.indices is not None
+        groups = self.corrupt[probe.indices]  # (B,)
+        self.sums += torch.stack([probe.losses[~groups].sum(), probe.losses[groups].sum()])
+        self.counts += torch.stack([(~groups).sum(), groups.sum()])
 
     def compute(self) -> dict[str, Any]:
         means = self.sums / self.counts.clamp(min=1)
@@ -113,10 +125,10 @@ class Smoke(Experiment):
             interventions.append(OnEvent(Event.AFTER_STEP, lambda st: time.sleep(config.sleep)))
         trainer = Trainer(
             model, opt, data, batch_size=config.batch_size, seed=config.seed, run=run,
-            groups=mask, instruments=[(GroupLoss(), every(5) | at_end)],
+            probes=Probes([(GroupLoss(mask), every(5) | at_end)]),
             interventions=interventions, lr_scheduler=sched,
-            eval_schedule=every(config.eval_every) | at_end,
-            checkpoint_schedule=every(config.checkpoint_every) | at_end,
+            recording=Recording(eval=every(config.eval_every) | at_end,
+                                checkpoint=every(config.checkpoint_every) | at_end),
         )
         trainer.fit(config.steps)
         with torch.no_grad():

@@ -49,14 +49,24 @@ from graddyn.experiments._confusion_study import (
     MinibatchConfusion,
     Table,
     cell_summary,
-    eval_mode_engine,
+    eval_mode_backward,
     paper_claims,
 )
 from graddyn.experiments._seeds import load_study_data
 from graddyn.experiments._stats import RULE, mean_ci
 from graddyn.instruments.confusion import Confusion
 from graddyn.models import build_model, init_weights
-from graddyn.train import NonFiniteLossError, Run, Trainer, at_end, every, new_figure, seed_all
+from graddyn.train import (
+    NonFiniteLossError,
+    Probes,
+    Recording,
+    Run,
+    Trainer,
+    at_end,
+    every,
+    new_figure,
+    seed_all,
+)
 from graddyn.train import save_figure as _save
 
 __all__ = ["Cell", "GradientConfusionConfig", "make_cells", "make_model",
@@ -222,10 +232,12 @@ def _train_cell(cfg: GradientConfusionConfig, cell: Cell, data: DataSplits, run:
     mb = MinibatchConfusion(data.train_x, data.train_y, cfg.mb_count, cfg.mb_size, cell.seed)
     trainer = Trainer(
         model, opt, data, batch_size=cfg.batch_size, seed=cell.seed, run=run, tag=cell.tag,
-        instruments=[(Confusion(), measure), (mb, measure)], probe_size=cfg.probe_size,
-        engine=eval_mode_engine, log_schedule=None, lr_scheduler=sched,
+        probes=Probes([(Confusion(), measure), (mb, measure)], size=cfg.probe_size,
+                      backward=eval_mode_backward),
+        lr_scheduler=sched,
         # evaluating at every measurement too gives the train loss there (matched comparison)
-        eval_schedule=every(max(1, per_epoch // cfg.evals_per_epoch)) | measure,
+        recording=Recording(loss=None,
+                            eval=every(max(1, per_epoch // cfg.evals_per_epoch)) | measure),
     )
     try:
         trainer.fit((cfg.epochs or STUDY_EPOCHS[cfg.study]) * per_epoch)

@@ -21,7 +21,7 @@ Recorded per (seed, level):
   reduction) and ``null{0,1,2}/*`` (group labels permuted: the paper's significance check);
 * ``batch_coherence/alpha``, ``m_coherence`` of the training minibatch over training.
 
-The per-minibatch instruments (``Trainer(batch_instruments=...)``) reuse the training step's
+The per-minibatch instruments (``Probes(batch_instruments=...)``) reuse the training step's
 own backward (``graddyn.train.measured_backward``: one captured backward gives ``p.grad`` and
 the Gram), so they cost little.
 
@@ -54,7 +54,7 @@ from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subse
 from graddyn.instruments import BatchCoherence, GroupSplit, Instrument, LearnedAt, Probe
 from graddyn.models import evaluate
 from graddyn.models._init import check_scheme
-from graddyn.train import Run, Trainer, at, at_end, every, logspaced
+from graddyn.train import Probes, Recording, Run, Trainer, at, at_end, every, logspaced
 
 # The paper's length on full MNIST (our reading of its figures: 100 epochs of 600 batches).
 PAPER_STEPS = 60_000
@@ -221,14 +221,15 @@ class LabelNoise(Experiment):
 
         trainer = Trainer(
             model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-            batch_size=cfg.batch_size, seed=seed, groups=mask, run=run,
-            tag=tag, probe_size=cfg.probe_size or len(data.train_y), probe_batch_size=1000,
-            instruments=[(Fit(data.test_x, data.test_y), sched["eval"]),
-                         (LearnedAt(run_long=True), sched["eval"])],
-            batch_instruments=[
-                (GroupSplit(cfg.null_worlds, seed, cumulative=True), sched["split"]),
-                (BatchCoherence(), sched["coherence"])],
-            eval_schedule=None, checkpoint_schedule=sched["checkpoint"])
+            batch_size=cfg.batch_size, seed=seed, run=run, tag=tag,
+            probes=Probes(
+                [(Fit(data.test_x, data.test_y), sched["eval"]),
+                 (LearnedAt(run_long=True, corrupt=mask), sched["eval"])],
+                batch_instruments=[
+                    (GroupSplit(mask, cfg.null_worlds, seed, cumulative=True), sched["split"]),
+                    (BatchCoherence(), sched["coherence"])],
+                size=cfg.probe_size or len(data.train_y), batch_size=1000),
+            recording=Recording(checkpoint=sched["checkpoint"]))
         trainer.fit(cfg.total_steps)
         if writes:  # a finished level needs only its last checkpoint (6 MB each)
             for _, path in run.checkpoints(tag)[:-1]:

@@ -61,7 +61,7 @@ from graddyn.experiments._verdicts import (
 from graddyn.instruments import LearnedAt
 from graddyn.interventions.median_optim import A3, M3, RA3, RM3
 from graddyn.models._init import check_scheme
-from graddyn.train import Run, Trainer, at_end, every, new_figure, save_figure
+from graddyn.train import Probes, Recording, Run, Trainer, at_end, every, new_figure, save_figure
 
 OPTIMIZERS: dict[str, Any] = {"sgd": torch.optim.SGD, "m3": M3, "a3": A3, "rm3": RM3,
                               "ra3": RA3}
@@ -126,10 +126,11 @@ def make_trainer(cfg: MedianOf3Config, splits: Any, optimizer: str, seed: int,
                                    ).to(data.train_x.dtype)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=cfg.lr)
     evals = every(max(1, math.ceil(cfg.steps / cfg.eval_points))) | at_end
-    return Trainer(model, opt, data, batch_size=cfg.batch_size, seed=seed, groups=mask,
-                   run=run, tag=f"seed{seed}/{optimizer}", probe_size=len(mask),
-                   probe_batch_size=1000, instruments=[(LearnedAt(), evals)],
-                   eval_schedule=evals, checkpoint_schedule=at_end)
+    return Trainer(model, opt, data, batch_size=cfg.batch_size, seed=seed, run=run,
+                   tag=f"seed{seed}/{optimizer}",
+                   probes=Probes([(LearnedAt(corrupt=mask), evals)], size=len(mask),
+                                 batch_size=1000),
+                   recording=Recording(eval=evals, checkpoint=at_end))
 
 
 # ---- verdicts ---------------------------------------------------------------------------

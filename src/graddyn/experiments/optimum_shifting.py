@@ -68,7 +68,7 @@ from graddyn.interventions.optimum_shift import (
     optimum_shift,
 )
 from graddyn.models import MODELS, build_model, last_linear
-from graddyn.train import Event, OnEvent, Run, Trainer, every, seed_all
+from graddyn.train import Event, OnEvent, Recording, Run, Trainer, every, seed_all
 
 METHODS = ("sgd", "wd", "sos")
 
@@ -272,9 +272,7 @@ def train_one(
         run=run,
         tag=tag,
         interventions=interventions,
-        eval_schedule=every(cfg.eval_every),
-        log_schedule=None,
-        checkpoint_schedule=None,
+        recording=Recording(loss=None, eval=every(cfg.eval_every), checkpoint=None),
     )
     if run is not None:
         run.truncate_after(-1, prefix=f"{tag}/")  # an interrupted pair starts over

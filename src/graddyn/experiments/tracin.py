@@ -43,8 +43,8 @@ from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.influence import TracIn, checkpoints_from_run
 from graddyn.models import build_model
-from graddyn.train import Run, Trainer, at, at_end, every, new_figure, save_figure
-from graddyn.train._rules import per_example_cross_entropy
+from graddyn.train import Recording, Run, Trainer, at, at_end, every, new_figure, save_figure
+from graddyn.train._gradient import per_example_cross_entropy
 
 __all__ = ["TracInMislabelConfig", "checkpoint_subset", "fraction_found",
            "report_tracin_mislabel", "run_tracin_mislabel"]
@@ -150,8 +150,8 @@ def _run_seed(cfg: TracInMislabelConfig, run: Run, seed: int) -> dict[str, float
     tag = f"seed{seed}"
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
                       batch_size=cfg.batch_size, seed=seed, run=run, tag=tag,
-                      log_schedule=every(max(1, steps // 50)) | at_end,
-                      eval_schedule=at_end, checkpoint_schedule=at(ck_steps.tolist()) | at_end)
+                      recording=Recording(loss=every(max(1, steps // 50)) | at_end, eval=at_end,
+                                          checkpoint=at(ck_steps.tolist()) | at_end))
     trainer.fit(steps)
     ckpts = checkpoints_from_run(run, tag, steps=ck_steps.tolist())
     x, y = data.train_x, data.train_y

@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from graddyn._robust import check_c
 from graddyn.experiments._base import EXPERIMENTS, Experiment
@@ -65,7 +65,7 @@ from graddyn.experiments._winsorize_report import draw_report, overfit_measure
 from graddyn.instruments import LearnedAt
 from graddyn.interventions.winsorize import DEFAULT_BUDGET, WinsorizedGradient
 from graddyn.models._init import check_scheme
-from graddyn.train import Run, Trainer, at_end, every
+from graddyn.train import Probes, Recording, Run, Trainer, at_end, every
 
 # The paper's length on full MNIST: 100 epochs of 600 batches of 100.
 PAPER_STEPS = 60_000
@@ -148,9 +148,10 @@ def build_network(cfg: WinsorizeConfig, splits: Any, seed: int) -> nn.Module:
     return build_model("cnn", splits.input_shape, splits.num_classes, init=cfg.init)
 
 
-def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int) -> Trainer:
-    """Model, SGD, the winsorized rule and the evaluation / checkpoint schedules of one seed
-    (metrics and checkpoints under the tag ``seed<s>``)."""
+def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int
+                 ) -> tuple[Trainer, Tensor]:
+    """Model, SGD, the winsorized gradient step and the evaluation / checkpoint schedules of
+    one seed (metrics and checkpoints under the tag ``seed<s>``), and the corrupt mask (N,)."""
     data, mask = noisy_subset(splits, cfg.train_size, cfg.noise, seed)
     model = build_network(cfg, splits, seed).to(data.train_x.dtype)
     rule = WinsorizedGradient(cfg.c, memory_budget_bytes=int(cfg.memory_budget_mb * 2**20))
@@ -158,13 +159,14 @@ def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int) 
     evals = every(max(1, math.ceil(steps / cfg.eval_points))) | at_end
     return Trainer(
         model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-        batch_size=cfg.batch_size, seed=seed, rule=rule, groups=mask, run=run, tag=f"seed{seed}",
-        probe_size=len(data.train_y), probe_batch_size=1000,
+        batch_size=cfg.batch_size, seed=seed, gradient=rule, run=run, tag=f"seed{seed}",
         # run_long: the record of when each example was learned lives across evaluations
         # (reset at each one, every learned example would date from the current step)
-        instruments=[(LearnedAt(run_long=True), evals)], eval_schedule=evals,
-        checkpoint_schedule=every(max(1, math.ceil(steps / cfg.checkpoint_points))) | at_end,
-    )
+        probes=Probes([(LearnedAt(run_long=True, corrupt=mask), evals)],
+                      size=len(data.train_y), batch_size=1000),
+        recording=Recording(eval=evals, checkpoint=every(
+            max(1, math.ceil(steps / cfg.checkpoint_points))) | at_end),
+    ), mask
 
 
 def log_overfit(run: Run, noise: float, num_classes: int, prefix: str = "") -> None:
@@ -192,8 +194,8 @@ class Winsorize(Experiment):
         splits = load_study_data(config.dataset, config.data_root, config.preprocess)
         start = time.perf_counter()
         for seed in config.seeds:
-            trainer = make_trainer(config, splits, run, seed)
-            run.log_array(f"seed{seed}/corrupt_mask", trainer.groups)
+            trainer, mask = make_trainer(config, splits, run, seed)
+            run.log_array(f"seed{seed}/corrupt_mask", mask)
             run.set_meta(total_steps=config.total_steps, num_classes=splits.num_classes,
                          train_size=len(trainer.y))
             trainer.fit(config.total_steps)

@@ -10,11 +10,11 @@ A coordinate thus only moves in a direction that many examples agree on. c = 0 i
 Two entry points:
 - ``winsorized_gradients(per_example, c)``: the pure function on materialised per-example
   gradients (dict name -> (B, *shape)), column-chunked under a memory budget.
-- ``WinsorizedGradient(c)``: the gradient rule for a training loop. ``compute(model, x, y,
+- ``WinsorizedGradient(c)``: the gradient step for a training loop. ``compute(model, x, y,
   loss_fn)`` runs forward, gets per-example gradients from the engine (``graddyn.capture``;
   ``torch.func`` if the engine cannot be imported), writes the winsorized mean into ``p.grad``
   and returns the detached per-example losses (B,). Calling the object as
-  ``rule(model, loss_fn, batch)`` is the ``graddyn.train`` GradientRule protocol.
+  ``step(model, loss_fn, batch)`` is the ``graddyn.train`` GradientStep protocol.
 
 Cost: one forward/backward, the plain per-coordinate sum, and the c + 1 largest and smallest
 per-example values per coordinate (``winsorized_mean`` of a ``BatchGrads``). With the compiled
@@ -120,7 +120,7 @@ class WinsorizedGradient:
         return losses
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
-        """``graddyn.train`` GradientRule protocol: batch has ``.x`` and ``.y``."""
+        """``graddyn.train`` GradientStep protocol: batch has ``.x`` and ``.y``."""
         return self.compute(model, batch.x, batch.y, loss_fn)
 
     def _winsorized(

@@ -13,16 +13,19 @@ Use it in your own loop::
     confusion.update(Probe(grads=grads, losses=losses, outputs=outputs, targets=y))
     optimizer.step()
 
-The ``Trainer`` does this for its ``batch_instruments`` on the steps they are due.
+The ``Trainer`` does this for its ``batch_instruments`` on the steps they are due: its
+gradient step there is ``MeasuredMean``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
-from graddyn.train._rules import LossFn, check_losses
+from graddyn.train._gradient import LossFn, check_losses
 
 if TYPE_CHECKING:
     from graddyn.pergrad import Capture
@@ -60,3 +63,38 @@ def _measured(cap: Capture, model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor
     if write:
         grads.write_grad(scale=1.0 / grads.batch_shape[0], overwrite=overwrite)  # global B
     return losses.detach(), grads, outputs.detach()
+
+
+class MeasuredMean:
+    """The ``MeanLoss`` gradient step of a training batch on which batch instruments are
+    due: ``measured_backward`` through the trainer's open ``cap``, the due instruments
+    ``measure`` the step's own per-example gradients (their results wait in ``results``
+    until the step is recorded), then ``p.grad = sum_n g_n / B`` is written over last
+    step's buffers in place (one fused ``addmm``; ``keeps_grad_buffers``: the trainer
+    zeroes them rather than freeing them, so the rounding is that of an uninterrupted run).
+
+    ``gather``: under DDP every rank's rows in rank order (the global batch the instruments
+    see); identity otherwise. Returns this rank's losses (B,), like ``MeanLoss``."""
+
+    keeps_grad_buffers = True
+
+    def __init__(self, due: list[Any], cap: Capture | None, step: int,
+                 gather: Callable[[Tensor], Tensor]) -> None:
+        self.due, self.cap, self.step, self.gather = due, cap, step, gather
+        self.results: tuple[dict[str, float], dict[str, Any]] | None = None
+
+    def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
+        from graddyn.instruments._base import Probe
+        from graddyn.train._probes import measure
+
+        losses, grads, outputs = measured_backward(model, loss_fn, batch.x, batch.y,
+                                                   write=False, cap=self.cap)
+        everyone, outputs, targets, rows = (self.gather(t) for t in (
+            losses, outputs, batch.y, batch.indices))
+        if bool(torch.isfinite(everyone).all()):  # else the trainer stops with the step
+            # measured before p.grad is written: the Gram's factors are still in cache
+            self.results = measure(self.due, [Probe(
+                grads=grads, losses=everyone, outputs=outputs, targets=targets, indices=rows,
+                step=self.step, model=model)])
+        grads.write_grad(scale=1.0 / len(rows), overwrite=True)
+        return losses

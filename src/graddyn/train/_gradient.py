@@ -1,8 +1,9 @@
-"""Gradient rules: how the loop turns a batch into ``p.grad``.
+"""Gradient steps: how the loop turns a batch into ``p.grad``.
 
-The default is the plain minibatch gradient (backward of the mean per-example loss). A rule
-that needs per-example gradients (winsorized SGD, issue 4) captures them itself and writes
-``p.grad``; the trainer only asks for the per-example losses back, to log and to check.
+The default is the plain minibatch gradient (backward of the mean per-example loss). A step
+that needs per-example gradients (winsorized SGD) captures them itself and writes ``p.grad``;
+the trainer only asks for the per-example losses back, to log and to check. ("Rule" is the
+engine's word: a per-layer closed form, ``graddyn.register_rule``.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def per_example_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def check_losses(losses: Tensor, batch_size: int) -> None:
-    """Refuse a loss that is not per-example: the loop, the probes and the rules need (B,)."""
+    """Refuse a loss that is not per-example: the loop, the probes and the gradient steps
+    need (B,)."""
     if losses.shape != (batch_size,):
         raise ValueError(
             f"loss_fn must return per-example losses of shape ({batch_size},), got "
@@ -34,11 +36,13 @@ def check_losses(losses: Tensor, batch_size: int) -> None:
 
 
 @runtime_checkable
-class GradientRule(Protocol):
+class GradientStep(Protocol):
     """Fills ``p.grad`` of the model's parameters for one batch; returns the (B,) detached
-    per-example losses. ``p.grad`` is zeroed (set to None) before the call.
+    per-example losses. ``p.grad`` is zeroed before the call: set to None, or, for a step
+    with a true ``keeps_grad_buffers`` attribute (it writes into the buffers in place, see
+    ``MeasuredMean``), filled with zeros.
 
-    A rule with state that must survive a resume also defines ``state_dict()`` and
+    A step with state that must survive a resume also defines ``state_dict()`` and
     ``load_state_dict(d)`` (tensors and plain containers only)."""
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Batch) -> Tensor: ...
