@@ -90,3 +90,18 @@ class SeedRun:
 
     def load_array(self, name: str) -> Any:
         return self.run.load_array(self.prefix + name)
+
+
+def each_seed_once(run: Any, seeds: Sequence[int], work: Any) -> None:
+    """The resume contract of a study that trains with its own loop instead of the
+    ``Trainer``: ``work(seed, SeedRun)`` runs once per seed, seeded by that seed alone. A
+    seed that finished (its ``done`` metric) is skipped on resume; an interrupted one loses
+    its partial records and is redone, so the run ends with the records of an uninterrupted
+    one."""
+    for seed in seeds:
+        view = SeedRun(run, seed)
+        if "done" in view.metric_names():
+            continue
+        run.truncate_after(-1, prefix=view.prefix)
+        work(seed, view)
+        view.log(0, {"done": 1.0})

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._shapes import ShapesData, make_shapes
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, write_verdicts
@@ -116,9 +116,9 @@ def _cut_labels(net: nn.Module, data: ShapesData, edges, weights: Tensor, lam: f
 
 def run_adm_vs_gd(cfg: AdmVsGdConfig, run: Run) -> None:
     """For every seed (metrics under ``seed<s>/``): warm up on partial CE, then GD and ADM
-    from the same network; see module doc."""
-    for seed in cfg.seeds:
-        _run_seed(replace(cfg, seeds=(seed,)), SeedRun(run, seed))
+    from the same network; see module doc. A resumed run redoes an unfinished seed."""
+    each_seed_once(run, cfg.seeds, lambda seed, view: _run_seed(replace(cfg, seeds=(seed,)),
+                                                                view))
 
 
 def _run_seed(cfg: AdmVsGdConfig, run: SeedRun) -> None:

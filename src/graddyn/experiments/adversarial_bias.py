@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from graddyn.data import load_dataset
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.instruments.margin import (
@@ -108,9 +108,8 @@ def _records(steps: int, n: int) -> list[int]:
 def run_adversarial_bias(cfg: AdversarialBiasConfig, run: Run) -> None:
     """For every seed, log ``seed<s>/{clean,l2,linf}/angle`` (to each variant's target
     direction), ``linf/angle_l2``, ``*/margin`` and ``*/robust_margin`` at log-spaced steps;
-    then the network part."""
-    for seed in cfg.seeds:
-        _run_seed(cfg, SeedRun(run, seed), seed)
+    then the network part. A resumed run redoes an unfinished seed."""
+    each_seed_once(run, cfg.seeds, lambda seed, view: _run_seed(cfg, view, seed))
 
 
 def _run_seed(cfg: AdversarialBiasConfig, run: SeedRun, seed: int) -> None:

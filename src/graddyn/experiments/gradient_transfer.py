@@ -50,7 +50,7 @@ from graddyn.data import (
 from graddyn.experiments._base import register_experiment
 from graddyn.experiments._gradient_transfer_report import report_gradient_transfer
 from graddyn.experiments._gradient_transfer_studies import label_permutation_control
-from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
+from graddyn.experiments._seeds import check_seeds, each_seed_once, load_study_data
 from graddyn.interventions.alignment import (
     apply_permutation,
     permutation_align,
@@ -381,12 +381,8 @@ def run_gradient_transfer(config: GradientTransferConfig, run: Run) -> None:
     """Run the configured study for every seed and log its metrics under ``seed<s>/`` (see
     the module docstring for names); a seed that finished is skipped on resume."""
     study = {"alpha-sweep": _alpha_sweep, "fusion": _fusion, "forgetting": _forgetting}
-    for seed in config.seeds:
-        view = SeedRun(run, seed)
-        if "done" in view.metric_names():
-            continue
-        study[config.study](replace(config, seeds=(seed,)), view)
-        view.log(0, {"done": 1.0})
+    each_seed_once(run, config.seeds, lambda seed, view: study[config.study](
+        replace(config, seeds=(seed,)), view))
 
 
 def _report_pngs(runs: list[Run], out_dir: Path) -> list[Path]:

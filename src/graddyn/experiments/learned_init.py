@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
+from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, write_verdicts
 from graddyn.interventions.adversarial import pgd, random_start
@@ -93,11 +93,15 @@ class LearnedInitConfig:
 
 
 def run_learned_init(cfg: LearnedInitConfig, run: Run) -> None:
-    """Both families for every seed (metrics under ``seed<s>/``); see the module doc."""
-    for seed in cfg.seeds:
-        one, view = replace(cfg, seeds=(seed,)), SeedRun(run, seed)
+    """Both families for every seed (metrics under ``seed<s>/``); see the module doc. A
+    resumed run redoes an unfinished seed."""
+
+    def work(seed: int, view: SeedRun) -> None:
+        one = replace(cfg, seeds=(seed,))
         _run_adversarial(one, view)
         _run_sine(one, view)
+
+    each_seed_once(run, cfg.seeds, work)
 
 
 # ----- family (a): PGD adversarial examples -------------------------------------------------
