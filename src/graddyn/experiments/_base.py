@@ -36,7 +36,9 @@ class Experiment(ABC):
     versions and git SHA, seeds everything with ``config.seed`` (if the config has one), calls
     ``run``, and marks the run finished, failed or interrupted. ``run`` must be resumable:
     build the same objects again and call ``Trainer.fit``, which continues from the run's
-    latest checkpoint.
+    latest checkpoint; a study with its own loop runs each seed through
+    ``_seeds.each_seed_once`` (or keeps checkpoints of its own, as ``lsgd`` does).
+    ``tests/experiments/test_resume_contract.py`` checks every registered experiment.
     """
 
     Config: ClassVar[type[Any]]

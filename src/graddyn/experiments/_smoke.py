@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from graddyn.data import corrupt_labels
 from graddyn.experiments._base import EXPERIMENTS, Experiment
 from graddyn.instruments._base import Instrument, Probe
 from graddyn.train import (
@@ -91,11 +92,7 @@ def make_blobs(cfg: SmokeConfig) -> tuple[SimpleNamespace, torch.Tensor]:
     n = cfg.n_train + cfg.n_test
     y = torch.randint(cfg.classes, (n,), generator=g)
     x = centres[y] + torch.randn(n, cfg.dim, generator=g, dtype=torch.float64)
-    train_y = y[: cfg.n_train].clone()
-    chosen = torch.randperm(cfg.n_train, generator=g)[: round(cfg.noise * cfg.n_train)]
-    train_y[chosen] = train_y[chosen[torch.randperm(len(chosen), generator=g)]]
-    mask = torch.zeros(cfg.n_train, dtype=torch.bool)
-    mask[chosen] = True
+    train_y, mask = corrupt_labels(y[: cfg.n_train], cfg.noise, g)
     data = SimpleNamespace(train_x=x[: cfg.n_train], train_y=train_y,
                            test_x=x[cfg.n_train:], test_y=y[cfg.n_train:])
     return data, mask

@@ -154,12 +154,12 @@ def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int
     one seed (metrics and checkpoints under the tag ``seed<s>``), and the corrupt mask (N,)."""
     data, mask = noisy_subset(splits, cfg.train_size, cfg.noise, seed)
     model = build_network(cfg, splits, seed).to(data.train_x.dtype)
-    rule = WinsorizedGradient(cfg.c, memory_budget_bytes=int(cfg.memory_budget_mb * 2**20))
+    step = WinsorizedGradient(cfg.c, memory_budget_bytes=int(cfg.memory_budget_mb * 2**20))
     steps = cfg.total_steps
     evals = every(max(1, math.ceil(steps / cfg.eval_points))) | at_end
     return Trainer(
         model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-        batch_size=cfg.batch_size, seed=seed, gradient=rule, run=run, tag=f"seed{seed}",
+        batch_size=cfg.batch_size, seed=seed, gradient=step, run=run, tag=f"seed{seed}",
         # run_long: the record of when each example was learned lives across evaluations
         # (reset at each one, every learned example would date from the current step)
         probes=Probes([(LearnedAt(run_long=True, corrupt=mask), evals)],

@@ -90,7 +90,7 @@ def _func_per_example(
 
 
 class WinsorizedGradient:
-    """Gradient rule: ``p.grad`` (accumulated, like autograd) = winsorized mean of the
+    """Gradient step: ``p.grad`` (accumulated, like autograd) = winsorized mean of the
     per-example gradients, per coordinate. See the module docstring."""
 
     def __init__(
