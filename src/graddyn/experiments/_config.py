@@ -154,6 +154,13 @@ def config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def config_from_run(config_cls: type, run: Any) -> Any:
+    """The config ``run`` was made with (``run.config``); keys the class no longer has (runs
+    made by an older version) are left out."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_from_dict(config_cls, {k: v for k, v in run.config.items() if k in known})
+
+
 def format_value(value: Any) -> str:
     """The ``--set`` spelling of a value (tuples comma-separated)."""
     if isinstance(value, (tuple, list)):

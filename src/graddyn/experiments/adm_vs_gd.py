@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import config_from_run
 from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._shapes import ShapesData, make_shapes
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
@@ -163,12 +164,6 @@ def _outer_iteration(method: str, net: nn.Module, opt: torch.optim.Optimizer, da
     return {} if labels is None else {"labels_miou": mean_iou(labels, data.masks)}
 
 
-def _config(run: Run) -> AdmVsGdConfig:
-    known = set(AdmVsGdConfig.__dataclass_fields__)
-    return AdmVsGdConfig(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in run.config.items() if k in known})
-
-
 def verdicts(miou: dict[str, np.ndarray], reg: dict[str, np.ndarray]) -> list[Verdict]:
     """Marin et al.'s claim from per-seed end values (``method -> (S,)``): ADM reaches a
     lower regularised loss and a higher mIoU than GD on the same loss."""
@@ -188,7 +183,7 @@ def report_adm_vs_gd(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = []
     for run in runs:
-        cfg = _config(run)
+        cfg = config_from_run(AdmVsGdConfig, run)
         views = [SeedRun(run, s) for s in cfg.seeds]
         if "gd/miou" not in views[0].metric_names():
             raise ValueError(f"run {run.dir} has no mIoU records; run it first")

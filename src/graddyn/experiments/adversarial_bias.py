@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from graddyn.data import load_dataset
 from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import config_from_run
 from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
@@ -198,11 +199,6 @@ def _theory(ax, steps: np.ndarray, values: np.ndarray, rate: str, **style) -> No
     ax.plot(t, values[-1] * f(t) / f(t[-1]), **style)
 
 
-def _config(run: Run) -> AdversarialBiasConfig:
-    known = set(AdversarialBiasConfig.__dataclass_fields__)
-    return AdversarialBiasConfig(**{k: v for k, v in run.config.items() if k in known})
-
-
 RATE_MARGIN = 0.1  # (2) the l2 slope counts as the O(1/sqrt T) rate below -0.5 + this
 
 
@@ -248,7 +244,7 @@ def report_adversarial_bias(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = []
     for run in runs:
-        cfg = _config(run)
+        cfg = config_from_run(AdversarialBiasConfig, run)
         first = SeedRun(run, cfg.seeds[0])
         if f"seed{cfg.seeds[0]}/clean/angle" not in run.metric_names():
             raise ValueError(f"run {run.dir} has no angle records; run it first")

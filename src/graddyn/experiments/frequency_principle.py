@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import config_from_run
 from graddyn.experiments._seeds import check_seeds
 from graddyn.experiments._stats import RULE, all_of, effect_verdict, mean_ci
 from graddyn.instruments._base import Probe
@@ -322,8 +323,7 @@ def report_frequency_principle(runs: Sequence[Run], out_dir: Path) -> list[Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for run in runs:
-        known = set(FrequencyPrincipleConfig.__dataclass_fields__)
-        cfg = FrequencyPrincipleConfig(**{k: v for k, v in run.config.items() if k in known})
+        cfg = config_from_run(FrequencyPrincipleConfig, run)
         paths += [_heatmaps(run, cfg, out_dir), _summary(run, cfg, out_dir)]
     return paths
 

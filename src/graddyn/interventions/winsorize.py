@@ -37,18 +37,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graddyn._losses import LossFn, check_losses, per_example_cross_entropy  # noqa: F401 (example)
 from graddyn._robust import check_c, winsorized_mean_chunked
 
-LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs (B, ...), targets (B,)) -> (B,)
 DEFAULT_BUDGET = 1 << 23  # 8 MiB: 4 MiB blocks + the kernel's workspace (cache-sized, fast)
-
-
-def per_example_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy per example: (B, K), (B,) -> (B,)."""
-    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def winsorized_gradients(
@@ -60,14 +54,6 @@ def winsorized_gradients(
         flat = g.reshape(g.shape[0], -1)
         out[name] = winsorized_mean_chunked(flat, c, memory_budget_bytes).reshape(g.shape[1:])
     return out
-
-
-def _check_losses(losses: Tensor, batch_size: int) -> None:
-    if losses.shape != (batch_size,):
-        raise ValueError(
-            f"loss_fn must return per-example losses of shape ({batch_size},), got "
-            f"{tuple(losses.shape)}; use reduction='none' (e.g. per_example_cross_entropy)"
-        )
 
 
 def _func_per_example(
@@ -109,7 +95,7 @@ class WinsorizedGradient:
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if self.c == 0:  # exactly the ordinary minibatch gradient
             losses = loss_fn(model(x), y)
-            _check_losses(losses, x.shape[0])
+            check_losses(losses, x.shape[0])
             losses.mean().backward()
             return losses.detach()
         grads, losses = self._winsorized(model, x, y, loss_fn, list(named))
@@ -131,13 +117,13 @@ class WinsorizedGradient:
             raise RuntimeError("engine='capture' but graddyn.pergrad cannot be imported")
         if capture is None:
             per, losses = _func_per_example(model, x, y, loss_fn, names)
-            _check_losses(losses, x.shape[0])
+            check_losses(losses, x.shape[0])
             return winsorized_gradients(per, self.c, self.memory_budget_bytes), losses
         from graddyn.interventions._winsorized_mean import winsorized_mean
 
         with capture(model) as cap:
             losses = loss_fn(model(x), y)
-        _check_losses(losses, x.shape[0])
+        check_losses(losses, x.shape[0])
         grads = winsorized_mean(cap.backward(losses), self.c, self.memory_budget_bytes)
         return grads, losses.detach()
 

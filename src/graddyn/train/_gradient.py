@@ -8,31 +8,14 @@ engine's word: a per-layer closed form, ``graddyn.register_rule``.)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graddyn._losses import LossFn, check_losses, per_example_cross_entropy
 from graddyn.train._events import Batch
 
-# (outputs (B, ...), targets (B,)) -> per-example losses (B,)
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def per_example_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy per example: (B, K) logits, (B,) labels -> (B,)."""
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def check_losses(losses: Tensor, batch_size: int) -> None:
-    """Refuse a loss that is not per-example: the loop, the probes and the gradient steps
-    need (B,)."""
-    if losses.shape != (batch_size,):
-        raise ValueError(
-            f"loss_fn must return per-example losses of shape ({batch_size},), got "
-            f"{tuple(losses.shape)}; use reduction='none' (e.g. per_example_cross_entropy)"
-        )
+__all__ = ["GradientStep", "LossFn", "MeanLoss", "check_losses", "per_example_cross_entropy"]
 
 
 @runtime_checkable
