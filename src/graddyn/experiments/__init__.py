@@ -77,20 +77,12 @@ def index() -> dict[str, tuple[str, str]]:
                     name = _registered_name(deco)
                     if name is not None:
                         out[name] = (info.name, first_sentence(ast.get_docstring(node) or ""))
-            elif _is_call_of(node, "register_experiment") and len(node.args) >= 2:
-                name, summary = (_string(a) for a in node.args[:2])
-                if name is not None:
-                    out[name] = (info.name, first_sentence(summary or ""))
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id == "register_experiment" and len(node.args) >= 2):
+                name, summary = (getattr(a, "value", None) for a in node.args[:2])
+                if isinstance(name, str):
+                    out[name] = (info.name, first_sentence(str(summary or "")))
     return out
-
-
-def _is_call_of(node: ast.AST, func: str) -> bool:
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id == func)
-
-
-def _string(node: ast.expr) -> str | None:
-    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
 def _registered_name(deco: ast.expr) -> str | None:

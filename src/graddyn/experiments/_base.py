@@ -89,11 +89,9 @@ def register_experiment(name: str, summary: str, config: type[Any],
                         run: Callable[[Any, Run], None],
                         report: Callable[[list[Run], Path], list[Path]],
                         demo: Any = None) -> type[Experiment]:
-    """Register an experiment made of a config class and plain ``run`` / ``report``
-    functions (most are): the ``Experiment`` subclass is built here, not by hand in each
-    module. ``summary`` is its one-line docstring (``graddyn list`` reads it from the
-    source: keep it a string literal); ``demo``: the config ``graddyn demo`` runs
-    (default ``config()``)."""
+    """Register a config class with plain ``run`` / ``report`` functions as an
+    ``Experiment``. ``summary``: its docstring (a string literal: ``graddyn list`` reads it
+    from the source); ``demo``: the config ``graddyn demo`` runs (default ``config()``)."""
     body: dict[str, Any] = {
         "__doc__": summary, "__module__": getattr(run, "__module__", __name__),
         "Config": config,

@@ -154,6 +154,28 @@ def config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def check_min(config: Any, names: str, low: int = 1, above: bool = False) -> None:
+    """``ValueError`` naming the first of ``names`` (fields of ``config``, space-separated)
+    below ``low`` (``must be >= low``), or with ``above`` not above it (``must be > low``)."""
+    for name in names.split():
+        value = getattr(config, name)
+        if value < low or (above and value == low):
+            raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value}")
+
+
+def set_names(config: Any, field: str, valid: Any) -> None:
+    """Store a names field given as a tuple or ``"a,b"`` as a tuple (frozen ``config``);
+    ``ValueError`` listing the ``valid`` names if it is empty or has an unknown one."""
+    names = getattr(config, field)
+    if isinstance(names, str):
+        names = [o.strip() for o in names.split(",") if o.strip()]
+    object.__setattr__(config, field, tuple(names))
+    unknown = [o for o in names if o not in valid]
+    if unknown or not names:
+        raise ValueError(f"unknown {field} {unknown or '(none given)'}; valid: "
+                         f"{', '.join(valid)}")
+
+
 def config_from_run(config_cls: type, run: Any) -> Any:
     """The config ``run`` was made with (``run.config``); keys the class no longer has (runs
     made by an older version) are left out."""

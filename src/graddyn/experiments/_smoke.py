@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from graddyn.data import corrupt_labels
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import check_min
 from graddyn.instruments._base import Instrument, Probe
 from graddyn.train import (
     Event,
@@ -54,9 +55,7 @@ class SmokeConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
-        for name in ("steps", "eval_every", "checkpoint_every", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "steps eval_every checkpoint_every batch_size")
 
 
 class GroupLoss(Instrument):

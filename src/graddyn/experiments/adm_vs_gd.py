@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._config import config_from_run
+from graddyn.experiments._config import check_min, config_from_run
 from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._shapes import ShapesData, make_shapes
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
@@ -69,9 +69,7 @@ class AdmVsGdConfig:
         return self.seeds[0]
 
     def __post_init__(self) -> None:
-        for name in ("n_images", "width", "outer", "inner_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "n_images width outer inner_steps", 0, above=True)
         if self.size < 12:
             raise ValueError(f"size must be >= 12, got {self.size}")
         if self.warmup_steps < 0 or self.lam < 0 or min(self.sigma, self.lr, self.proximity) <= 0:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from graddyn.data import load_dataset
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._config import config_from_run
+from graddyn.experiments._config import check_min, config_from_run
 from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
@@ -80,9 +80,7 @@ class AdversarialBiasConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "dim", "steps", "n_records", "net_width", "net_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "n_train dim steps n_records net_width net_steps", 0, above=True)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.step_rule not in ("constant", "normalized"):

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._config import config_from_run
+from graddyn.experiments._config import check_min, config_from_run, set_names
 from graddyn.experiments._seeds import check_seeds
 from graddyn.experiments._stats import RULE, all_of, effect_verdict, mean_ci
 from graddyn.instruments._base import Probe
@@ -97,23 +97,14 @@ class FrequencyPrincipleConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
-        opts = self.optimizers
-        if isinstance(opts, str):
-            opts = tuple(o.strip() for o in opts.split(",") if o.strip())
-        object.__setattr__(self, "optimizers", tuple(opts))
-        unknown = [o for o in self.optimizers if o not in METHODS]
-        if unknown or not self.optimizers:
-            valid = ", ".join(METHODS.names())
-            raise ValueError(f"unknown optimizers {unknown or '(none given)'}; valid: {valid}")
+        set_names(self, "optimizers", METHODS.names())
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; valid: {', '.join(TARGETS)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}"
             )
-        for name in ("width", "n_points", "max_evals", "n_records", "pso_popsize"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "width n_points max_evals n_records pso_popsize", 0, above=True)
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}; try 0.1")
         check_seeds(self.seeds)

@@ -43,7 +43,7 @@ from torch import nn
 
 from graddyn.data import DataSplits, subsample
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._config import ConfigError, config_from_dict
+from graddyn.experiments._config import ConfigError, check_min, config_from_dict
 from graddyn.experiments._confusion_study import (
     ABSENCE_SLOPE,
     MinibatchConfusion,
@@ -130,10 +130,8 @@ class GradientConfusionConfig:
         if self.epochs < 0 or self.lr < 0:
             raise ValueError("epochs and lr must be > 0 (or 0: the study's default), got "
                              f"{self.epochs}, {self.lr}")
-        for name in ("batch_size", "measure_every", "evals_per_epoch", "mb_size",
-                     "wrn_width", "base_channels", "width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "batch_size measure_every evals_per_epoch "
+                  "mb_size wrn_width base_channels width")
         if self.probe_size < 2 or self.mb_count < 2:
             raise ValueError("probe_size and mb_count must be >= 2 (confusion needs pairs), "
                              f"got {self.probe_size}, {self.mb_count}")

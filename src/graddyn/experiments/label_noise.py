@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import check_min
 from graddyn.experiments._label_noise_report import draw_report
 from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.instruments import BatchCoherence, GroupSplit, Instrument, LearnedAt, Probe
@@ -95,12 +96,8 @@ class LabelNoiseConfig:
         if not self.noise_levels or any(not 0.0 <= f <= 1.0 for f in self.noise_levels):
             raise ValueError(f"noise_levels must be fractions in [0, 1], e.g. 0,0.5,1; got "
                              f"{self.noise_levels!r}")
-        for name in ("width", "batch_size", "eval_points", "coherence_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_train", "steps", "split_steps", "null_worlds", "probe_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, "width batch_size eval_points coherence_points")
+        check_min(self, "n_train steps split_steps null_worlds probe_size", 0)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         check_seeds(self.seeds)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import check_min
 from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, write_verdicts
@@ -81,10 +82,8 @@ class LearnedInitConfig:
         if self.regressor not in REGRESSORS:
             raise ValueError(
                 f"unknown regressor {self.regressor!r}; valid: {', '.join(REGRESSORS)}")
-        for name in ("clf_width", "clf_steps", "pgd_steps", "n_fit", "n_eval", "n_tasks_fit",
-                     "n_tasks_eval", "sine_width", "solve_steps", "budget"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "clf_width clf_steps pgd_steps n_fit n_eval "
+                  "n_tasks_fit n_tasks_eval sine_width solve_steps budget", 0, above=True)
         if self.n_tasks_fit < 2 or self.n_fit < 2:
             raise ValueError("n_fit and n_tasks_fit must be >= 2 (the map needs examples)")
         if self.eps <= 0 or self.sine_lr <= 0 or self.target_loss <= 0:

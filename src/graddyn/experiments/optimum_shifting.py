@@ -60,7 +60,7 @@ from graddyn.curvature import (
     top_eigenvalues,
 )
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._config import ConfigError
+from graddyn.experiments._config import ConfigError, check_min
 from graddyn.experiments._seeds import load_study_data
 from graddyn.interventions.optimum_shift import (
     StochasticOptimumShift,
@@ -120,19 +120,8 @@ class OptimumShiftingConfig:
             raise ValueError(f"subset must be >= 0 (0: all examples), got {self.subset}")
         if len(self.cnn_channels) != 2:
             raise ValueError(f"cnn_channels must be two conv widths, got {self.cnn_channels}")
-        for name in (
-            "steps",
-            "batch_size",
-            "sos_every",
-            "sos_batch",
-            "os_rows",
-            "curv_rows",
-            "eval_every",
-            "curv_every",
-            "width",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "steps batch_size sos_every sos_batch "
+                  "os_rows curv_rows eval_every curv_every width")
         if self.trace_probes < 2 or self.last_probes < 2:
             raise ValueError(
                 "trace_probes and last_probes must be >= 2 (a standard error needs two probes)"

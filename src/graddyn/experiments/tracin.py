@@ -37,7 +37,7 @@ from torch import Tensor
 
 from graddyn.data import flip_labels, subsample
 from graddyn.experiments._base import register_experiment
-from graddyn.experiments._config import ConfigError, config_from_dict
+from graddyn.experiments._config import ConfigError, check_min, config_from_dict
 from graddyn.experiments._seeds import check_seeds, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
@@ -77,9 +77,7 @@ class TracInMislabelConfig:
             raise ValueError(f"unknown model {self.model!r}; valid: ('mlp', 'cnn')")
         if not 0.0 < self.noise < 1.0:
             raise ValueError(f"noise must be in (0, 1) (a fraction of labels), got {self.noise}")
-        for name in ("width", "depth", "epochs", "batch_size", "n_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "width depth epochs batch_size n_checkpoints")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         bad = [c for c in self.checkpoint_counts if not 0 <= c <= self.n_checkpoints]

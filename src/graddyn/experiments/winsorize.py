@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from graddyn._robust import check_c
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import check_min
 from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.experiments._winsorize_report import draw_report, overfit_measure
 from graddyn.instruments import LearnedAt
@@ -106,12 +107,8 @@ class WinsorizeConfig:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be a fraction in [0, 1] (e.g. noise=0.5), got "
                              f"{self.noise}")
-        for name in ("width", "batch_size", "eval_points", "checkpoint_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_train", "steps", "depth"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, "width batch_size eval_points checkpoint_points")
+        check_min(self, "n_train steps depth", 0)
         if 0 < self.n_train < self.batch_size:
             raise ValueError(f"n_train={self.n_train} is smaller than batch_size="
                              f"{self.batch_size}; raise n_train or lower batch_size")

@@ -66,15 +66,12 @@ def _measured(cap: Capture, model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor
 
 
 class MeasuredMean:
-    """The ``MeanLoss`` gradient step of a training batch on which batch instruments are
-    due: ``measured_backward`` through the trainer's open ``cap``, the due instruments
-    ``measure`` the step's own per-example gradients (their results wait in ``results``
-    until the step is recorded), then ``p.grad = sum_n g_n / B`` is written over last
-    step's buffers in place (one fused ``addmm``; ``keeps_grad_buffers``: the trainer
-    zeroes them rather than freeing them, so the rounding is that of an uninterrupted run).
-
-    ``gather``: under DDP every rank's rows in rank order (the global batch the instruments
-    see); identity otherwise. Returns this rank's losses (B,), like ``MeanLoss``."""
+    """``MeanLoss`` on a batch where batch instruments are due: ``measured_backward``
+    through the trainer's open ``cap``, the ``due`` instruments measure its per-example
+    gradients (``results`` until the step is recorded), then ``p.grad = sum_n g_n / B`` is
+    written into last step's buffers (one fused ``addmm``; ``keeps_grad_buffers``: so a
+    resumed run rounds as an uninterrupted one). ``gather``: every rank's rows under DDP
+    (the global batch), else identity. Returns this rank's losses (B,)."""
 
     keeps_grad_buffers = True
 

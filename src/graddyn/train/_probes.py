@@ -52,16 +52,11 @@ def _as_metric(value: Any) -> float | None:
 
 @dataclass(frozen=True)
 class Probes:
-    """What a ``Trainer`` measures, and on which examples.
-
-    instruments:       ``(instrument, schedule)`` pairs measured on the probe set: ``size``
-                       fixed training examples (all if fewer), ``batch_size`` per backward.
-    batch_instruments: ``(instrument, schedule)`` pairs measured on each *training* minibatch
-                       from the step's own backward (``MeasuredMean``: no second pass, the
-                       cheap way to measure every step), at the weights before the update and
-                       logged at the step after it. Needs the default gradient step.
-    backward:          per-example gradients of a probe batch (default ``graddyn.capture``).
-    """
+    """What a ``Trainer`` measures. ``instruments``: ``(instrument, schedule)`` pairs on the
+    probe set, ``size`` fixed training examples (all if fewer), ``batch_size`` per
+    ``backward`` (per-example gradients; default ``graddyn.capture``). ``batch_instruments``:
+    pairs on each *training* batch from the step's own backward (``MeasuredMean``: no second
+    pass), at the weights before the update, logged at the step after it."""
 
     instruments: Sequence[tuple[Instrument, Callable[[int], bool]]] = ()
     batch_instruments: Sequence[tuple[Instrument, Callable[[int], bool]]] = ()
