@@ -155,8 +155,8 @@ def config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
 
 
 def check_min(config: Any, names: str, low: int = 1, above: bool = False) -> None:
-    """``ValueError`` naming the first of ``names`` (fields of ``config``, space-separated)
-    below ``low`` (``must be >= low``), or with ``above`` not above it (``must be > low``)."""
+    """``ValueError`` naming the first of ``names`` (space-separated fields) below ``low``, or
+    with ``above`` not above it."""
     for name in names.split():
         value = getattr(config, name)
         if value < low or (above and value == low):

@@ -93,11 +93,9 @@ class SeedRun:
 
 
 def each_seed_once(run: Any, seeds: Sequence[int], work: Any) -> None:
-    """The resume contract of a study that trains with its own loop instead of the
-    ``Trainer``: ``work(seed, SeedRun)`` runs once per seed, seeded by that seed alone. A
-    seed that finished (its ``done`` metric) is skipped on resume; an interrupted one loses
-    its partial records and is redone, so the run ends with the records of an uninterrupted
-    one."""
+    """The resume contract of a study with its own loop: ``work(seed, SeedRun)``, seeded by
+    that seed alone, runs once per seed. A resumed run skips finished seeds (``done``) and
+    redoes an interrupted one from scratch: the records of an uninterrupted run."""
     for seed in seeds:
         view = SeedRun(run, seed)
         if "done" in view.metric_names():

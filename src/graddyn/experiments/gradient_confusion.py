@@ -70,8 +70,7 @@ from graddyn.train import (
 from graddyn.train import save_figure as _save
 
 __all__ = ["Cell", "GradientConfusionConfig", "make_cells", "make_model",
-           "report_gradient_confusion", "run_gradient_confusion",
-           "study_table"]
+           "report_gradient_confusion", "run_gradient_confusion", "study_table"]
 
 STUDIES = ("width", "depth", "bn-skip", "init")
 STUDY_EPOCHS = {"width": 8, "depth": 8, "bn-skip": 4, "init": 8}

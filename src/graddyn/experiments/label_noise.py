@@ -148,13 +148,9 @@ class Fit(Instrument):
             raise RuntimeError("Fit.compute() called before any update(); call update first")
         out = {"train_loss": self._loss / self._n, "train_acc": self._correct / self._n}
         if self._model is not None and self.test_x is not None and self.test_y is not None:
-            out.update(self._held_out(self._model))
+            out["test_loss"], out["test_acc"] = evaluate(self._model, self.test_x, self.test_y,
+                                                         self.batch_size)
         return out
-
-    def _held_out(self, model: torch.nn.Module) -> dict[str, float]:
-        assert self.test_x is not None and self.test_y is not None
-        loss, acc = evaluate(model, self.test_x, self.test_y, self.batch_size)
-        return {"test_loss": loss, "test_acc": acc}
 
 
 def _schedules(cfg: LabelNoiseConfig) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from graddyn._losses import per_example_cross_entropy
 from graddyn.data import flip_labels, subsample
 from graddyn.experiments._base import register_experiment
 from graddyn.experiments._config import ConfigError, check_min, config_from_dict
@@ -44,7 +45,6 @@ from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.influence import TracIn, checkpoints_from_run
 from graddyn.models import build_model
 from graddyn.train import Recording, Run, Trainer, at, at_end, every, new_figure, save_figure
-from graddyn.train._gradient import per_example_cross_entropy
 
 __all__ = ["TracInMislabelConfig", "checkpoint_subset", "fraction_found",
            "report_tracin_mislabel", "run_tracin_mislabel"]

@@ -35,10 +35,9 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024,
              summed_loss: Callable[[Tensor, Tensor], Tensor] | None = None
              ) -> tuple[float, float | None]:
-    """``(mean loss, accuracy)`` of ``model`` in eval mode on ``x (N, ...)``, ``y (N,)``,
-    ``batch_size`` examples at a time (the mode is restored after). ``summed_loss(outputs,
-    targets)`` is the chunk's summed loss (default: summed cross-entropy); the accuracy (a
-    fraction) is None unless every chunk gives class logits (b, K) for integer labels."""
+    """``(mean loss, accuracy)`` of ``model`` in eval mode (restored after) on ``x (N, ...)``,
+    ``y (N,)``, ``batch_size`` at a time. ``summed_loss(outputs, targets)``: a chunk's summed
+    loss (default cross-entropy); accuracy None unless all outputs are logits (b, K)."""
     was_training = model.training
     model.eval()
     loss, correct, is_cls = 0.0, 0, True

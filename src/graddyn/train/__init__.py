@@ -6,8 +6,9 @@ measured on a fixed probe set or on each training minibatch from the step's own 
 Runs live in a ``RunStore`` (SQLite + checkpoint files) and resume bit for bit.
 """
 
+from graddyn._losses import LossFn, per_example_cross_entropy
 from graddyn.train._events import Batch, Event, Intervention, OnEvent, State
-from graddyn.train._gradient import GradientStep, LossFn, MeanLoss, per_example_cross_entropy
+from graddyn.train._gradient import GradientStep, MeanLoss
 from graddyn.train._measured import MeasuredMean, measured_backward
 from graddyn.train._probes import ProbeBackward, Probes, capture_backward
 from graddyn.train._report import new_figure, plot_histories, save_figure

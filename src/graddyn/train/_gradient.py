@@ -12,10 +12,8 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
-from graddyn._losses import LossFn, check_losses, per_example_cross_entropy
+from graddyn._losses import LossFn, check_losses
 from graddyn.train._events import Batch
-
-__all__ = ["GradientStep", "LossFn", "MeanLoss", "check_losses", "per_example_cross_entropy"]
 
 
 @runtime_checkable

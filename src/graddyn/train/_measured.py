@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from graddyn.train._gradient import LossFn, check_losses
+from graddyn._losses import LossFn, check_losses
+from graddyn.instruments._base import Probe
+from graddyn.train._probes import measure
 
 if TYPE_CHECKING:
     from graddyn.pergrad import Capture
@@ -81,9 +83,6 @@ class MeasuredMean:
         self.results: tuple[dict[str, float], dict[str, Any]] | None = None
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
-        from graddyn.instruments._base import Probe
-        from graddyn.train._probes import measure
-
         losses, grads, outputs = measured_backward(model, loss_fn, batch.x, batch.y,
                                                    write=False, cap=self.cap)
         everyone, outputs, targets, rows = (self.gather(t) for t in (

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graddyn._losses import LossFn, check_losses
 from graddyn.instruments._base import Instrument, Probe
-from graddyn.train._gradient import LossFn, check_losses
 from graddyn.train._schedules import fires
 
 # (model, loss_fn, x (B, ...), y (B,)) -> (BatchGrads-like, losses (B,), outputs (B, ...))

@@ -27,11 +27,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from graddyn._losses import LossFn, per_example_cross_entropy
 from graddyn.models._utils import evaluate
 from graddyn.pergrad import Capture, capture
 from graddyn.pergrad._distributed import gather_rows, unwrap
 from graddyn.train._events import Batch, Event, Intervention, State
-from graddyn.train._gradient import GradientStep, LossFn, MeanLoss, per_example_cross_entropy
+from graddyn.train._gradient import GradientStep, MeanLoss
 from graddyn.train._measured import MeasuredMean
 from graddyn.train._probes import ProbeRunner, Probes, load_state_dict_into, state_dict_of
 from graddyn.train._rng import get_rng_state, set_rng_state
@@ -60,10 +61,9 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class Recording:
-    """What a ``Trainer`` records besides its probes, each on its own schedule of the step:
-    ``loss`` the batch loss (``train/batch_loss``), ``eval`` the loss and accuracy on the
-    training and test sets (``evaluate``, ``eval_batch_size`` examples at a time), and
-    ``checkpoint`` the run's checkpoints. None: never."""
+    """When a ``Trainer`` records (None: never) ``loss``, the batch loss; ``eval``, loss and
+    accuracy on the training and test sets (``evaluate``, ``eval_batch_size`` at a time);
+    ``checkpoint``, the run's checkpoints."""
 
     loss: Schedule | None = _EVERY_STEP
     eval: Schedule | None = None
@@ -141,9 +141,7 @@ class Trainer:
         self.loss_fn, self.gradient = loss_fn, gradient or MeanLoss()
         self.interventions = list(interventions)
         self.run, self.lr_scheduler, self.recording = run, lr_scheduler, recording
-        self.prefix = f"{tag}/" if tag else ""
-        self.tag = tag
-        self.progress = progress
+        self.tag, self.prefix, self.progress = tag, f"{tag}/" if tag else "", progress
         probe_gen = torch.Generator().manual_seed(seed + 7919)  # independent of data order
         probe_idx = torch.randperm(n, generator=probe_gen)[: min(probes.size, n)].sort().values
         self.probes = ProbeRunner(probes.instruments, probe_idx, probes.batch_size,
@@ -285,12 +283,11 @@ class Trainer:
         mode, ``eval_batch_size`` examples at a time. Keys ``train/loss``, ``train/acc``, ..."""
         out: dict[str, float] = {}
         for split in ("train", "test"):
-            x = getattr(self.data, f"{split}_x", None)
-            y = getattr(self.data, f"{split}_y", None)
+            x, y = (getattr(self.data, f"{split}_{k}", None) for k in "xy")
             if x is not None and y is not None and len(y) > 0:
-                loss, acc = evaluate(self.model, x, y, self.recording.eval_batch_size,
-                                     lambda out, t: self.loss_fn(out, t).sum())
-                out[f"{split}/loss"] = loss
+                out[f"{split}/loss"], acc = evaluate(self.model, x, y,
+                                                     self.recording.eval_batch_size,
+                                                     lambda o, t: self.loss_fn(o, t).sum())
                 if acc is not None:
                     out[f"{split}/acc"] = acc
         return out
