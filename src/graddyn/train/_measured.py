@@ -71,9 +71,9 @@ class MeasuredMean:
     """``MeanLoss`` on a batch where batch instruments are due: ``measured_backward``
     through the trainer's open ``cap``, the ``due`` instruments measure its per-example
     gradients (``results`` until the step is recorded), then ``p.grad = sum_n g_n / B`` is
-    written into last step's buffers (one fused ``addmm``; ``keeps_grad_buffers``: so a
-    resumed run rounds as an uninterrupted one). ``gather``: every rank's rows under DDP
-    (the global batch), else identity. Returns this rank's losses (B,)."""
+    written over last step's buffers (``keeps_grad_buffers``: one fused ``addmm``, no fresh
+    pages). ``gather``: every rank's rows under DDP (the global batch), else identity.
+    Returns this rank's losses (B,)."""
 
     keeps_grad_buffers = True
 

@@ -91,7 +91,7 @@ class Trainer:
     Data parallel: pass the model wrapped in ``DistributedDataParallel`` (every rank runs the
     same Trainer under ``torchrun``). ``batch_size`` is then the global batch: every rank draws
     the same one and trains on its contiguous share (rank order), so the run follows
-    single-process training on the global batch. ``batch_instruments`` see the global batch
+    single-process training on the global batch. Batch instruments see the global batch
     (``capture(process_group=...)`` gathers each layer's factors; ``p.grad`` is their global
     mean, the same on every rank, so DDP's all-reduce is not needed on those steps and never
     fires: the engine computes ``p.grad`` without ``.backward()``); other steps are plain DDP
@@ -212,7 +212,8 @@ class Trainer:
         due = self.batch_probes.due(st.step + 1, st.step + 1 == st.max_steps)
         if due:  # measured on this batch, at these weights: the step's own backward
             gradient = self._measured = MeasuredMean(due, self._cap, st.step, self._gather)
-        self.optimizer.zero_grad(set_to_none=not getattr(gradient, "keeps_grad_buffers", False))
+        if not getattr(gradient, "keeps_grad_buffers", False):  # else it writes over them
+            self.optimizer.zero_grad(set_to_none=True)
         losses = self._gather(gradient(self.model, self.loss_fn, st.batch))  # (B,) global
         self._check_finite(st, losses)
         st.losses = losses
