@@ -1,4 +1,4 @@
-"""Instruments on the training minibatch (``Trainer(batch_instruments=...)``) and the step's
+"""Instruments on the training minibatch (``Probes(batch_instruments=...)``) and the step's
 own captured backward (``measured_backward``): the gradient is the plain mean gradient, the
 trajectory is unchanged, and the measurements are those of the batch at the pre-update weights."""
 

@@ -47,7 +47,7 @@ class LoopGrads:
         return self.g.norm(dim=1)
 
 
-class CountingEngine:
+class CountingBackward:
     def __init__(self):
         self.calls = 0
 
@@ -172,16 +172,17 @@ def test_custom_gradient_rule_and_logged_losses():
     assert [s for s, n, _ in ta.history if n == "train/batch_loss"] == [1, 2, 3]
 
 
-def test_engine_runs_once_per_probe_batch_and_is_shared(tmp_path):
-    engine = CountingEngine()
+def test_probe_backward_runs_once_per_probe_batch_and_is_shared(tmp_path):
+    backward = CountingBackward()
     model = make_model()
     run = RunStore(tmp_path).create("r", {})
     Trainer(
         model, torch.optim.SGD(model.parameters(), lr=0.1), make_data(), batch_size=8, run=run,
         progress=False,
         probes=Probes([(MeanNorm("a"), every(2)), (MeanNorm("b"), every(2)),
-                         (MeanLossInst(), at([1]))], size=10, batch_size=5, backward=engine)).fit(4)
-    assert engine.calls == 3 * 2  # steps 0, 2, 4 x two probe chunks; step 1 needs no grads
+                       (MeanLossInst(), at([1]))], size=10, batch_size=5, backward=backward),
+    ).fit(4)
+    assert backward.calls == 3 * 2  # steps 0, 2, 4 x two probe chunks; step 1 needs no grads
     steps, vals = run.history("a/value")
     assert steps.tolist() == [0, 2, 4] and torch.allclose(
         torch.tensor(vals), torch.tensor(run.history("b/value")[1]))
