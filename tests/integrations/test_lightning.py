@@ -1,6 +1,6 @@
 """``GraddynCallback`` in a real Lightning ``Trainer`` (tiny MLP, CPU, offline): the values it
-logs equal graddyn's own ``Trainer(probes=Probes(batch_instruments=...))`` on the same batches, it reaches
-Lightning's loggers, and the trajectory is plain SGD's."""
+logs equal graddyn's own ``Trainer(probes=Probes(batch_instruments=...))`` on the same
+batches, it reaches Lightning's loggers, and the trajectory is plain SGD's."""
 
 from __future__ import annotations
 
