@@ -4,8 +4,8 @@ The paper's MLP (784 -> 2048 ReLU -> 10, Chatterjee ICLR 2020), SGD lr 0.1, batc
 embedded mnist-subset, with coherence, confusion and stiffness measured on *every* step's
 training batch, against plain training, in one process. Three modes, interleaved per repeat:
 
-* ``plain``     - ``Trainer`` with the default ``MeanLoss`` rule, no instruments;
-* ``reused``    - ``Trainer(batch_instruments=...)``: the training forward is captured
+* ``plain``     - ``Trainer`` with the default ``MeanLoss`` step, no instruments;
+* ``reused``    - ``Probes(batch_instruments=...)``: the training forward is captured
                   (``graddyn.train.measured_backward``); one backward to the layer outputs
                   gives ``p.grad`` (the factors' mean) and the Gram the three instruments share;
 * ``probe``     - the trainer's probe path: instruments every step on a 100-example probe
@@ -41,7 +41,7 @@ import torch
 from graddyn.data import load_dataset
 from graddyn.instruments import BatchCoherence, Confusion, Stiffness
 from graddyn.models import build_model
-from graddyn.train import Trainer, every
+from graddyn.train import Probes, Recording, Trainer, every
 
 MODES = ("plain", "reused", "probe")
 # label -> (file suffix, function) frames whose cumulative time --profile sums
@@ -71,13 +71,13 @@ def make_trainer(mode: str, splits) -> Trainer:
     model = build_model("mlp", splits.input_shape, 10, width=2048, depth=1,
                         init="xavier-sqrt2").float()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kw: dict = {"batch_size": 100, "seed": 0, "checkpoint_schedule": None, "progress": False}
+    probes = Probes()
     if mode == "reused":
-        kw["batch_instruments"] = [(inst, every(1)) for inst in instruments()]
+        probes = Probes(batch_instruments=[(inst, every(1)) for inst in instruments()])
     elif mode == "probe":
-        kw["instruments"] = [(inst, every(1, start=1)) for inst in instruments()]
-        kw["probe_size"] = 100
-    return Trainer(model, opt, splits, **kw)
+        probes = Probes([(inst, every(1, start=1)) for inst in instruments()], size=100)
+    return Trainer(model, opt, splits, batch_size=100, seed=0, probes=probes,
+                   recording=Recording(checkpoint=None), progress=False)
 
 
 def time_mode(mode: str, splits, steps: int) -> tuple[float, float]:

@@ -24,7 +24,7 @@ from graddyn.instruments import (
     Probe,
     Stiffness,
 )
-from graddyn.train import Trainer, every
+from graddyn.train import Probes, Recording, Trainer, every
 
 B, K = 7, 4
 SHARES = (slice(0, 4), slice(4, 7))  # unequal on purpose
@@ -62,9 +62,10 @@ def summary(grads, losses, targets, groups) -> dict[str, torch.Tensor]:
     """Every query and instrument on one BatchGrads, as float64 tensors."""
     out = {"gram": grads.gram(), "norms": grads.norms()}
     out.update({f"sum/{k}": v for k, v in grads.sum().items()})
-    probe = Probe(grads=grads, losses=losses, targets=targets, groups=groups)
+    probe = Probe(grads=grads, losses=losses, targets=targets,
+                  indices=torch.arange(len(targets)))
     for inst in (Coherence(), BatchCoherence(), Confusion(), Stiffness(K), GSNR(chunk_size=3),
-                 GroupSplit(null_worlds=2)):
+                 GroupSplit(groups, null_worlds=2)):
         inst.update(probe)
         for key, v in inst.compute().items():
             out[f"{inst.name}/{key}"] = torch.as_tensor(v, dtype=torch.float64)
@@ -80,11 +81,12 @@ def data() -> SimpleNamespace:
 
 def trainer(model: nn.Module) -> Trainer:
     """Global batch 12, momentum, batch instruments on some steps, probes and evaluations."""
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), data(),
-                   batch_size=12, seed=3, groups=torch.arange(48) % 4 == 0, probe_size=16,
-                   batch_instruments=[(Confusion(), every(2)), (GroupSplit(1), every(3))],
-                   instruments=[(Coherence(), every(4))], eval_schedule=every(3),
-                   checkpoint_schedule=None, progress=False)
+    return Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), data(), batch_size=12,
+        seed=3, progress=False,
+        probes=Probes([(Coherence(), every(4))], size=16, batch_instruments=[
+            (Confusion(), every(2)), (GroupSplit(torch.arange(48) % 4 == 0, 1), every(3))]),
+        recording=Recording(eval=every(3), checkpoint=None))
 
 
 def train_model() -> nn.Module:

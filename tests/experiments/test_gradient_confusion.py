@@ -15,7 +15,7 @@ from graddyn.experiments._confusion_study import (
     cell_summary,
     compare_groups,
     draw_minibatches,
-    eval_mode_engine,
+    eval_mode_backward,
     mean_ci_text,
     minibatch_confusion,
     paper_claims,
@@ -92,9 +92,9 @@ def test_per_example_form_uses_eval_mode_batch_norm_and_restores_mode():
     check(stats, reference_stats(reference_grads(model, x[:5], y[:5])))
 
 
-def test_eval_mode_engine_restores_eval_mode_too():
+def test_eval_mode_backward_restores_eval_mode_too():
     model = tiny_wrn().eval()
-    eval_mode_engine(model, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+    eval_mode_backward(model, lambda o, t: F.cross_entropy(o, t, reduction="none"),
                      torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]))
     assert not model.training
 

@@ -17,10 +17,10 @@ from graddyn.experiments._label_noise_report import (
     verdict_markdown,
     verdicts,
 )
+from graddyn.experiments._seeds import noisy_subset
 from graddyn.experiments.label_noise import (
     LabelNoiseConfig,
     level_tag,
-    noisy_data,
 )
 from graddyn.instruments import BatchCoherence, Coherence, Probe
 from graddyn.pergrad import capture
@@ -96,7 +96,7 @@ def test_recorded_corrupt_mask_matches_data(tiny):
     cfg = parse_overrides(LabelNoiseConfig, TINY)
     splits = load_dataset("digits", standardize=False)
     for frac in cfg.noise_levels:
-        data, mask = noisy_data(cfg, splits, frac, seed=1)
+        data, mask = noisy_subset(splits, cfg.n_train, frac, seed=1)
         saved = run.load_array(f"{level_tag(frac, 1)}/corrupt_mask")
         np.testing.assert_array_equal(saved, mask.numpy())
         np.testing.assert_array_equal(run.load_array(f"{level_tag(frac, 1)}/train_labels"),
@@ -227,7 +227,7 @@ def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypat
     records (the cumulative f_p state and the step counter live in the checkpoint)."""
     cfg = [*TINY, "noise_levels=0.5", "split_steps=10", "seeds=3"]  # checkpoints every 3 steps
     whole = run_experiment(NAME, cfg, root=tmp_path / "a", progress=False)
-    import graddyn.train._trainer as trainer_module
+    import graddyn.train._measured as trainer_module  # MeasuredMean calls it from there
 
     real_call, calls = trainer_module.measured_backward, []
 
@@ -268,7 +268,7 @@ def test_helpers_raise_with_the_fix():
     from graddyn.experiments.label_noise import Fit
 
     with pytest.raises(ValueError, match="exceeds the"):
-        noisy_data(LabelNoiseConfig(n_train=10_000), load_dataset("digits"), 0.5, seed=0)
+        noisy_subset(load_dataset("digits"), 10_000, 0.5, seed=0)
     with pytest.raises(RuntimeError, match="before any update"):
         Fit().compute()
     with pytest.raises(ValueError, match="Fit needs"):

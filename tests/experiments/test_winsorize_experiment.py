@@ -16,6 +16,7 @@ from graddyn.experiments import (
     run_experiment,
     run_sweep,
 )
+from graddyn.experiments._seeds import noisy_subset
 from graddyn.experiments._winsorize_report import (
     PEAK_DROP,
     collect,
@@ -33,9 +34,8 @@ from graddyn.experiments.winsorize import (
     SUBSET_TRAIN,
     WinsorizeConfig,
     build_network,
-    noisy_split,
 )
-from graddyn.train import Trainer, at_end, every
+from graddyn.train import Recording, Trainer, at_end, every
 
 NAME = "coherent-gradients.winsorize"
 TINY = ["dataset=digits", "n_train=100", "width=8", "depth=1", "steps=6", "batch_size=20",
@@ -97,13 +97,13 @@ def test_c0_equals_plain_mean_loss_rule(tmp_path):
     run = run_experiment(NAME, [*TINY, "c=0", "seeds=4"], root=tmp_path, progress=False)
     cfg = parse_overrides(WinsorizeConfig, TINY)
     splits = load_dataset("digits", standardize=False)
-    data, _ = noisy_split(cfg, splits, seed=4)
+    data, _ = noisy_subset(splits, cfg.train_size, cfg.noise, seed=4)
     model = build_network(cfg, splits, seed=4).to(data.train_x.dtype)
     import torch
 
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-                      batch_size=cfg.batch_size, seed=4, progress=False,
-                      eval_schedule=every(2) | at_end)  # default rule: mean-loss backward
+    trainer = Trainer(  # the default gradient step: mean-loss backward
+        model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data, batch_size=cfg.batch_size,
+        seed=4, progress=False, recording=Recording(eval=every(2) | at_end))
     trainer.fit(cfg.total_steps)
     for name in ("train/batch_loss", "train/acc", "test/acc", "test/loss"):
         plain = [v for _, n, v in sorted(trainer.history) if n == name]
@@ -253,7 +253,7 @@ def test_bad_c_in_a_sweep_fails_before_any_run(tmp_path):
 def test_n_train_larger_than_the_dataset():
     cfg = WinsorizeConfig(dataset="digits", n_train=5000)
     with pytest.raises(ValueError, match="exceeds the 1437 training examples"):
-        noisy_split(cfg, load_dataset("digits"), seed=0)
+        noisy_subset(load_dataset("digits"), cfg.train_size, cfg.noise, seed=0)
 
 
 def test_report_errors(sweep, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from graddyn.influence import TracIn, check_checkpoints, checkpoints_from_run
-from graddyn.train import RunStore, Trainer, at_end, every
+from graddyn.train import Recording, RunStore, Trainer, at_end, every
 
 
 def _model():
@@ -26,9 +26,9 @@ def test_round_trip_through_run_store(tmp_path):
     model, data = _model(), _data()
     opt = torch.optim.SGD(model.parameters(), lr=0.4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    trainer = Trainer(model, opt, data, batch_size=8, run=run, lr_scheduler=sched,
-                      checkpoint_schedule=every(2, start=2) | at_end, progress=False,
-                      log_schedule=None)
+    trainer = Trainer(
+        model, opt, data, batch_size=8, run=run, lr_scheduler=sched, progress=False,
+        recording=Recording(checkpoint=every(2, start=2) | at_end, loss=None))
     trainer.fit(6)
     ckpts = checkpoints_from_run(run)
     assert [lr for _, lr in ckpts] == [0.4, 0.2, 0.1]  # lr in effect after steps 2, 4, 6

@@ -13,14 +13,24 @@ def model():
     return tiny_mlp()
 
 
+# (40,) corrupt mask over the rows 10 k + j of the batches below: every third row of a batch
+CORRUPT = torch.arange(40) % 10 % 3 == 0
+
+
+def groups(probe) -> torch.Tensor:
+    """(B,) the probe's rows of ``CORRUPT``."""
+    return CORRUPT[probe.indices]
+
+
 @pytest.fixture
 def batches(model):
-    """Three probes of sizes 6, 8, 5 from the same model, with labels and a corrupt mask."""
+    """Three probes of sizes 6, 8, 5 from the same model, with labels and training-set rows
+    10 k + j (``CORRUPT`` marks every third row of each)."""
     out = []
     for k, b in enumerate((6, 8, 5)):
         x, y = random_batch(b, seed=k)
-        groups = torch.arange(b) % 3 == 0
-        out.append(Probe(grads=dense_batch(model, x, y), targets=y, groups=groups, step=k))
+        out.append(Probe(grads=dense_batch(model, x, y), targets=y,
+                         indices=torch.arange(b) + 10 * k, step=k))
     return out
 
 
@@ -35,4 +45,4 @@ def pooled(probes) -> Probe:
     names = probes[0].grads.names
     per = {n: torch.cat([p.grads.per_example[n] for p in probes]) for n in names}
     return Probe(grads=DenseGrads(per), targets=torch.cat([p.targets for p in probes]),
-                 groups=torch.cat([p.groups for p in probes]))
+                 indices=torch.cat([p.indices for p in probes]))

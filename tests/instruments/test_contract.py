@@ -37,7 +37,7 @@ def _probes(model: nn.Module) -> list[Probe]:
             logits = model(x)
             losses = F.cross_entropy(logits, y, reduction="none")
         out.append(Probe(grads=cap.backward(losses), losses=losses.detach(),
-                         outputs=logits.detach(), targets=y, groups=torch.arange(b) % 2 == 0,
+                         outputs=logits.detach(), targets=y,
                          indices=torch.arange(b) + 8 * step, step=step, model=model))
     return out
 
@@ -49,7 +49,10 @@ def _spectrum_args(probes: list[Probe]) -> dict[str, Any]:
     return {"x": x, "target": torch.sin(2 * x), "peaks": torch.tensor([1, 2])}
 
 
-REQUIRED: dict[str, Any] = {"spectrum": _spectrum_args}
+CORRUPT = torch.arange(16) % 2 == 0  # (N,) group mask over the training indices the probes use
+REQUIRED: dict[str, Any] = {"spectrum": _spectrum_args,
+                            "group_split": lambda probes: {"corrupt": CORRUPT},
+                            "learned_at": lambda probes: {"corrupt": CORRUPT}}
 EMPTY_IS_DEFINED = {"margin"}  # its value before any update is documented: +inf
 
 
@@ -156,18 +159,20 @@ def test_merge_of_two_shards_equals_one_pass(name, probes):
     assert _same(a.compute(), whole.compute(), approx=True)
 
 
-@pytest.mark.parametrize("inst", [LearnedAt(run_long=True), GroupSplit(cumulative=True)],
+@pytest.mark.parametrize("inst", [LearnedAt(run_long=True, corrupt=CORRUPT),
+                                  GroupSplit(CORRUPT, cumulative=True)],
                          ids=["learned_at", "group_split"])
 def test_run_long_state_survives_a_checkpoint(inst, probes):
     """Run-long instruments declare it (the trainer never resets them) and their state loads
     from a checkpoint read with ``weights_only=True``."""
-    assert inst.accumulates and not type(inst)().accumulates
+    assert inst.accumulates and not (LearnedAt() if isinstance(inst, LearnedAt) else
+                                     GroupSplit(CORRUPT)).accumulates
     for p in probes:
         inst.update(p)
     buf = io.BytesIO()
     torch.save(inst.state_dict(), buf)
     buf.seek(0)
-    copy = type(inst)(**({"run_long": True} if isinstance(inst, LearnedAt) else
-                         {"cumulative": True}))
+    copy = (LearnedAt(run_long=True, corrupt=CORRUPT) if isinstance(inst, LearnedAt) else
+            GroupSplit(CORRUPT, cumulative=True))
     copy.load_state_dict(torch.load(buf, weights_only=True))
     assert _same(copy.compute(), inst.compute())

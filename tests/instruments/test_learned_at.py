@@ -6,12 +6,11 @@ import torch
 from graddyn.instruments import INSTRUMENTS, LearnedAt, Probe, learned_at_steps
 
 
-def probe(step, correct, idx, groups=None):
+def probe(step, correct, idx):
     correct = torch.tensor(correct)
     y = torch.zeros(len(correct), dtype=torch.long)
     outputs = torch.stack([correct.double(), 1 - correct.double()], dim=1)  # argmax 0 = right
-    return Probe(outputs=outputs, targets=y, indices=torch.tensor(idx), step=step,
-                 groups=None if groups is None else torch.tensor(groups))
+    return Probe(outputs=outputs, targets=y, indices=torch.tensor(idx), step=step)
 
 
 def test_history_reference():
@@ -25,10 +24,10 @@ def test_instrument_matches_history_reference():
     hist = torch.rand(7, 5, generator=gen) < 0.7
     steps = torch.tensor([1, 2, 4, 8, 16])
     groups = [True, False, True, False, False, False, True]
-    inst = INSTRUMENTS.get("learned_at")()
+    inst = INSTRUMENTS.get("learned_at")(corrupt=torch.tensor(groups))
     assert inst.needs_grads is False
     for t in range(5):
-        inst.update(probe(int(steps[t]), hist[:, t].tolist(), list(range(7)), groups))
+        inst.update(probe(int(steps[t]), hist[:, t].tolist(), list(range(7))))
     ref = learned_at_steps(hist, steps)
     assert inst.learned_at() == dict(enumerate(ref.tolist()))
     got = inst.compute()

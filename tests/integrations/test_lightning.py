@@ -1,6 +1,6 @@
 """``GraddynCallback`` in a real Lightning ``Trainer`` (tiny MLP, CPU, offline): the values it
-logs equal graddyn's own ``Trainer(batch_instruments=...)`` on the same batches, it reaches
-Lightning's loggers, and the trajectory is plain SGD's."""
+logs equal graddyn's own ``Trainer(probes=Probes(batch_instruments=...))`` on the same
+batches, it reaches Lightning's loggers, and the trajectory is plain SGD's."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ L = pytest.importorskip("lightning.pytorch")
 
 from graddyn.instruments import BatchCoherence, Coherence, Confusion, Stiffness  # noqa: E402
 from graddyn.integrations.lightning import GraddynCallback  # noqa: E402
-from graddyn.train import Trainer, at, at_end, every  # noqa: E402
+from graddyn.train import Probes, Recording, Trainer, at, at_end, every  # noqa: E402
 
 N, B, STEPS = 40, 8, 7
 
@@ -85,9 +85,10 @@ def _fit(tmp_path, net, cb, steps=STEPS, batch=B, accumulate=1, **kw):
 
 def _graddyn_loop(batch=B, steps=STEPS):
     model = _model()
-    tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), batch_size=batch,
-                 checkpoint_schedule=None, progress=False, log_schedule=None,
-                 batch_instruments=_instruments())
+    tr = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), batch_size=batch,
+        progress=False, probes=Probes(batch_instruments=_instruments()),
+        recording=Recording(checkpoint=None, loss=None))
     tr.fit(steps)
     return model, {(s, "graddyn/" + n): v for s, n, v in tr.history}
 
@@ -122,9 +123,10 @@ def test_accumulated_micro_batches_form_one_measurement(tmp_path):
     net, cb = Net(), GraddynCallback([(Coherence(within=False), every(1))])
     _fit(tmp_path, net, cb, steps=3, batch=4, accumulate=2)
     model = _model()
-    tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), batch_size=8,
-                 checkpoint_schedule=None, progress=False, log_schedule=None,
-                 batch_instruments=[(Coherence(within=False), every(1))])
+    tr = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), batch_size=8, progress=False,
+        probes=Probes(batch_instruments=[(Coherence(within=False), every(1))]),
+        recording=Recording(checkpoint=None, loss=None))
     tr.fit(3)
     got = {(s, n): v for s, n, v in cb.history}
     for s, n, v in tr.history:

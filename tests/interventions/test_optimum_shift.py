@@ -195,15 +195,16 @@ def splits(n: int = 64):
 @pytest.mark.parametrize("source", ["data", "minibatch"])
 def test_stochastic_os_wired_to_the_real_trainer(source):
     from graddyn.train import Event as RealEvent
-    from graddyn.train import Trainer
+    from graddyn.train import Recording, Trainer
 
     torch.manual_seed(0)
     net, data = Net(), splits()
     kw = {"data": data.train_x, "seed": 3} if source == "data" else {}
     sos = StochasticOptimumShift("fc", every=2, batch_size=4, **kw)
     assert sos.event == RealEvent.AFTER_STEP.value
-    trainer = Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1), data, batch_size=16,
-                      interventions=[sos], progress=False, checkpoint_schedule=None)
+    trainer = Trainer(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), data, batch_size=16, interventions=[sos],
+        progress=False, recording=Recording(checkpoint=None))
     trainer.fit(6)
     assert [s for s, _ in sos.reports] == [2, 4, 6]
     assert all(r.rank == 4 and r.max_rel_change < 1e-5 for _, r in sos.reports)

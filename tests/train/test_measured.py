@@ -1,4 +1,4 @@
-"""Instruments on the training minibatch (``Trainer(batch_instruments=...)``) and the step's
+"""Instruments on the training minibatch (``Probes(batch_instruments=...)``) and the step's
 own captured backward (``measured_backward``): the gradient is the plain mean gradient, the
 trajectory is unchanged, and the measurements are those of the batch at the pre-update weights."""
 
@@ -14,7 +14,7 @@ from torch import nn
 from graddyn.instruments import BatchCoherence, Confusion, Stiffness
 from graddyn.instruments.coherence import coherence_from_gram
 from graddyn.reference import per_example_grads
-from graddyn.train import MeanLoss, Trainer, at, every, measured_backward
+from graddyn.train import MeanLoss, Probes, Recording, Trainer, at, every, measured_backward
 
 
 def _data(n=40, d=5, k=3, seed=0):
@@ -52,14 +52,16 @@ def test_measured_backward_is_the_mean_gradient_and_accumulates():
 def test_batch_instruments_leave_the_trajectory_unchanged_and_measure_each_batch():
     data = _data()
     plain_model = _model()
-    plain = Trainer(plain_model, torch.optim.SGD(plain_model.parameters(), lr=0.1), data,
-                    batch_size=8, checkpoint_schedule=None, progress=False)
+    plain = Trainer(
+        plain_model, torch.optim.SGD(plain_model.parameters(), lr=0.1), data, batch_size=8,
+        progress=False, recording=Recording(checkpoint=None))
     model = _model()
-    measured = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, batch_size=8,
-                       checkpoint_schedule=None, progress=False,
-                       batch_instruments=[(BatchCoherence(), every(1)),
+    measured = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), data, batch_size=8, progress=False,
+        probes=Probes(batch_instruments=[(BatchCoherence(), every(1)),
                                           (Confusion(), at([2])),
-                                          (Stiffness(num_classes=3), every(2))])
+                                          (Stiffness(num_classes=3), every(2))]),
+        recording=Recording(checkpoint=None))
     plain.fit(6)
     first_batch_weights = {k: v.clone() for k, v in model.state_dict().items()}
     measured.fit(6)
@@ -91,12 +93,14 @@ def test_batch_instruments_refuse_a_custom_rule_and_name_clashes():
         def __call__(self, model, loss_fn, batch):
             return MeanLoss()(model, lambda o, t: 2 * loss_fn(o, t), batch)
 
-    with pytest.raises(ValueError, match="cannot be combined with rule=Doubled"):
-        Trainer(model, opt, data, batch_size=8, rule=Doubled(),
-                batch_instruments=[(BatchCoherence(), every(1))])
+    with pytest.raises(ValueError, match="cannot be combined with gradient=Doubled"):
+        Trainer(
+            model, opt, data, batch_size=8, gradient=Doubled(),
+            probes=Probes(batch_instruments=[(BatchCoherence(), every(1))]))
     with pytest.raises(ValueError, match="both probe and batch instruments"):
-        Trainer(model, opt, data, batch_size=8, instruments=[(Confusion(), every(1))],
-                batch_instruments=[(Confusion(), every(1))])
+        Trainer(
+            model, opt, data, batch_size=8,
+            probes=Probes([(Confusion(), every(1))], batch_instruments=[(Confusion(), every(1))]))
 
 
 def test_measured_and_plain_steps_mix_without_changing_the_trajectory():
@@ -104,13 +108,18 @@ def test_measured_and_plain_steps_mix_without_changing_the_trajectory():
     in place, plain steps start from None; the trajectory is still plain SGD's."""
     data = _data()
     plain_model, model = _model(), _model()
-    plain = Trainer(plain_model, torch.optim.SGD(plain_model.parameters(), lr=0.1,
+    plain = Trainer(
+        plain_model,
+        torch.optim.SGD(plain_model.parameters(), lr=0.1,
                                                  momentum=0.9, weight_decay=1e-3),
-                    data, batch_size=8, checkpoint_schedule=None, progress=False)
-    mixed = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+        data, batch_size=8, progress=False, recording=Recording(checkpoint=None))
+    mixed = Trainer(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
                                            weight_decay=1e-3),
-                    data, batch_size=8, checkpoint_schedule=None, progress=False,
-                    batch_instruments=[(Confusion(), at([2, 3, 6]))])
+        data, batch_size=8, progress=False,
+        probes=Probes(batch_instruments=[(Confusion(), at([2, 3, 6]))]),
+        recording=Recording(checkpoint=None))
     plain.fit(7)
     mixed.fit(7)
     for a, b in zip(plain_model.parameters(), model.parameters()):
@@ -135,10 +144,11 @@ def test_one_capture_serves_the_fit_and_follows_a_replaced_layer():
 
     def run(measure: bool):
         model = _model()
-        kw = {"batch_instruments": [(Confusion(), every(1))]} if measure else {}
-        tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), batch_size=8,
-                     checkpoint_schedule=None, progress=False,
-                     interventions=[SwapLastLayer()], **kw)
+        kw = {"probes": Probes(batch_instruments=[(Confusion(), every(1))])} if measure else {}
+        tr = Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), batch_size=8,
+            progress=False, interventions=[SwapLastLayer()], **kw,
+            recording=Recording(checkpoint=None))
         tr.fit(6)
         return model
 

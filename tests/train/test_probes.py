@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from graddyn.instruments import Instrument, Probe
-from graddyn.train._probes import ProbeRunner, pergrad_engine, preserved_buffers
+from graddyn.train._probes import ProbeRunner, capture_backward, preserved_buffers
 
 
 class _MeanLoss(Instrument):
@@ -33,8 +33,8 @@ def test_probe_in_train_mode_leaves_batchnorm_statistics_unchanged():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
-    runner = ProbeRunner([(_MeanLoss(), lambda s: True)], torch.arange(16), 8, pergrad_engine)
-    scalars, _ = runner.run(0, False, model, _ce, x, y, None)
+    runner = ProbeRunner([(_MeanLoss(), lambda s: True)], torch.arange(16), 8, capture_backward)
+    scalars, _ = runner.run(0, False, model, _ce, x, y)
     assert "mean_loss/value" in scalars
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

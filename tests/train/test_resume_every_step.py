@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from graddyn.instruments import BatchCoherence, GroupSplit
-from graddyn.train import Event, OnEvent, RunStore, Trainer, at_end, every
+from graddyn.train import Event, OnEvent, Probes, Recording, RunStore, Trainer, at_end, every
 
 STEPS = 10
 WINDOW = (3, 7)  # steps whose training minibatch is measured
@@ -43,11 +43,11 @@ def _train(run, crash=None):
                 raise Crash(f"stopped at step {step}")
 
         hooks.append(OnEvent(event, stop))
-    tr = Trainer(model, opt, _data(), batch_size=20, seed=0, run=run, groups=groups,
-                 batch_instruments=[(BatchCoherence(), window),
-                                    (GroupSplit(2, seed=0, cumulative=True), window)],
-                 interventions=hooks, eval_schedule=every(3) | at_end,
-                 checkpoint_schedule=every(2) | at_end, progress=False)
+    tr = Trainer(
+        model, opt, _data(), batch_size=20, seed=0, run=run, interventions=hooks, progress=False,
+        probes=Probes(batch_instruments=[
+            (BatchCoherence(), window), (GroupSplit(groups, 2, seed=0, cumulative=True), window)]),
+        recording=Recording(eval=every(3) | at_end, checkpoint=every(2) | at_end))
     tr.fit(STEPS)
     return model
 

@@ -10,6 +10,8 @@ from graddyn.train import (
     Event,
     NonFiniteLossError,
     OnEvent,
+    Probes,
+    Recording,
     RunStore,
     Trainer,
     at,
@@ -45,7 +47,7 @@ class LoopGrads:
         return self.g.norm(dim=1)
 
 
-class CountingEngine:
+class CountingBackward:
     def __init__(self):
         self.calls = 0
 
@@ -160,8 +162,9 @@ def test_custom_gradient_rule_and_logged_losses():
 
     data = make_data()
     a, b = make_model(), make_model()
-    ta = Trainer(a, torch.optim.SGD(a.parameters(), lr=0.2), data, batch_size=8,
-                 rule=HalfRule(), progress=False)
+    ta = Trainer(
+        a, torch.optim.SGD(a.parameters(), lr=0.2), data, batch_size=8, gradient=HalfRule(),
+        progress=False)
     ta.fit(3)
     Trainer(b, torch.optim.SGD(b.parameters(), lr=0.1), data, batch_size=8,
             progress=False).fit(3)
@@ -169,15 +172,17 @@ def test_custom_gradient_rule_and_logged_losses():
     assert [s for s, n, _ in ta.history if n == "train/batch_loss"] == [1, 2, 3]
 
 
-def test_engine_runs_once_per_probe_batch_and_is_shared(tmp_path):
-    engine = CountingEngine()
+def test_probe_backward_runs_once_per_probe_batch_and_is_shared(tmp_path):
+    backward = CountingBackward()
     model = make_model()
     run = RunStore(tmp_path).create("r", {})
-    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), make_data(), batch_size=8,
-            instruments=[(MeanNorm("a"), every(2)), (MeanNorm("b"), every(2)),
-                         (MeanLossInst(), at([1]))],
-            probe_size=10, probe_batch_size=5, engine=engine, run=run, progress=False).fit(4)
-    assert engine.calls == 3 * 2  # steps 0, 2, 4 x two probe chunks; step 1 needs no grads
+    Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), make_data(), batch_size=8, run=run,
+        progress=False,
+        probes=Probes([(MeanNorm("a"), every(2)), (MeanNorm("b"), every(2)),
+                       (MeanLossInst(), at([1]))], size=10, batch_size=5, backward=backward),
+    ).fit(4)
+    assert backward.calls == 3 * 2  # steps 0, 2, 4 x two probe chunks; step 1 needs no grads
     steps, vals = run.history("a/value")
     assert steps.tolist() == [0, 2, 4] and torch.allclose(
         torch.tensor(vals), torch.tensor(run.history("b/value")[1]))
@@ -187,8 +192,9 @@ def test_engine_runs_once_per_probe_batch_and_is_shared(tmp_path):
 
 def test_eval_metrics_classification_and_regression():
     model = make_model()
-    tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), make_data(), batch_size=8,
-                 eval_schedule=every(2) | at_end, progress=False)
+    tr = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), make_data(), batch_size=8,
+        progress=False, recording=Recording(eval=every(2) | at_end))
     tr.fit(3)
     names = {(s, n) for s, n, _ in tr.history}
     assert {(0, "train/acc"), (2, "test/loss"), (3, "test/acc")} <= names
@@ -224,10 +230,9 @@ def test_nonfinite_loss_names_the_step_after_recording(tmp_path):
     [
         ({"batch_size": 100}, ValueError, "between 1 and the training set size 24"),
         ({"batch_size": 0}, ValueError, "between 1"),
-        ({"groups": torch.zeros(3, dtype=torch.bool)}, ValueError, r"groups must have shape"),
-        ({"instruments": [MeanLossInst()]}, TypeError, r"\(instrument, schedule\) pairs"),
+        ({"probes": Probes([MeanLossInst()])}, TypeError, r"\(instrument, schedule\) pairs"),
     ],
-    ids=["batch-too-big", "batch-zero", "groups-shape", "instrument-not-pair"],
+    ids=["batch-too-big", "batch-zero", "instrument-not-pair"],
 )
 def test_bad_arguments(kwargs, exc, msg):
     model = make_model()
@@ -249,9 +254,10 @@ def _train(run, steps, ckpt, seed=0, tag=""):
     torch.manual_seed(seed + 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-    tr = Trainer(model, opt, make_data(n=20), batch_size=6, seed=seed, run=run, tag=tag,
-                 lr_scheduler=sched, instruments=[(MeanLossInst(), every(3))],
-                 eval_schedule=every(4), checkpoint_schedule=ckpt, progress=False)
+    tr = Trainer(
+        model, opt, make_data(n=20), batch_size=6, seed=seed, run=run, tag=tag, lr_scheduler=sched,
+        progress=False, probes=Probes([(MeanLossInst(), every(3))]),
+        recording=Recording(eval=every(4), checkpoint=ckpt))
     tr.fit(steps)
     return model
 
@@ -338,9 +344,10 @@ def test_accumulating_instrument_survives_resume(tmp_path):
     def train(run, steps, ckpt):
         model = make_model(seed=5)
         inst = FirstLearned()
-        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), make_data(), batch_size=8,
-                instruments=[(inst, every(1))], probe_size=24, run=run,
-                checkpoint_schedule=ckpt, progress=False).fit(steps)
+        Trainer(
+            model, torch.optim.SGD(model.parameters(), lr=0.5), make_data(), batch_size=8, run=run,
+            progress=False, probes=Probes([(inst, every(1))], size=24),
+            recording=Recording(checkpoint=ckpt)).fit(steps)
         return inst
 
     store = RunStore(tmp_path)
@@ -357,11 +364,11 @@ def test_default_engine_is_graddyn_capture():
     pergrad = pytest.importorskip("graddyn.pergrad")
     if not hasattr(pergrad, "capture"):
         pytest.skip("graddyn.pergrad.capture not available yet")
-    from graddyn.train import pergrad_engine
+    from graddyn.train import capture_backward
 
     model = make_model()
     data = make_data()
-    grads, losses, outputs = pergrad_engine(model, per_example_cross_entropy,
+    grads, losses, outputs = capture_backward(model, per_example_cross_entropy,
                                             data.train_x[:5], data.train_y[:5])
     ref = LoopGrads(model, per_example_cross_entropy(model(data.train_x[:5]),
                                                      data.train_y[:5]))

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from graddyn.instruments import Confusion
-from graddyn.train import RunStore, Trainer, at_end, every
+from graddyn.train import Probes, Recording, RunStore, Trainer, at_end, every
 
 from .test_trainer import make_data, make_model
 
@@ -25,10 +25,10 @@ def group_of_one(tmp_path):
 
 
 def trainer(model, run=None, **kw):
-    return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5),
-                   make_data(), batch_size=6, run=run, progress=False,
-                   batch_instruments=[(Confusion(), every(2))],
-                   checkpoint_schedule=every(3) | at_end, **kw)
+    return Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5), make_data(), batch_size=6,
+        run=run, progress=False, **kw, probes=Probes(batch_instruments=[(Confusion(), every(2))]),
+        recording=Recording(checkpoint=every(3) | at_end))
 
 
 def test_ddp_model_trains_as_the_plain_one_and_saves_plain_checkpoints(group_of_one, tmp_path):
@@ -56,10 +56,12 @@ def test_ddp_refuses_other_gradient_rules(group_of_one):
         losses.mean().backward()
         return losses.detach()
 
-    with pytest.raises(ValueError, match="rule must be the default MeanLoss"):
-        Trainer(DistributedDataParallel(make_model()), torch.optim.SGD(make_model().parameters(),
+    with pytest.raises(ValueError, match="gradient must be the default MeanLoss"):
+        Trainer(
+            DistributedDataParallel(make_model()),
+            torch.optim.SGD(make_model().parameters(),
                                                                       lr=0.1),
-                make_data(), batch_size=6, rule=rule)
+            make_data(), batch_size=6, gradient=rule)
 
 
 def test_a_read_only_run_is_resumed_from_but_never_written(tmp_path):

@@ -59,7 +59,8 @@ def _import(module: str) -> None:
 @lru_cache(maxsize=1)
 def index() -> dict[str, tuple[str, str]]:
     """name -> (module, one-line summary) of every experiment, read from the sources (the
-    ``@EXPERIMENTS.register("name")`` classes and their docstrings) without importing them."""
+    ``@EXPERIMENTS.register("name")`` classes and their docstrings, and the
+    ``register_experiment("name", "summary", ...)`` calls) without importing them."""
     out: dict[str, tuple[str, str]] = {}
     for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_") and info.name != BUILT_IN:
@@ -76,6 +77,11 @@ def index() -> dict[str, tuple[str, str]]:
                     name = _registered_name(deco)
                     if name is not None:
                         out[name] = (info.name, first_sentence(ast.get_docstring(node) or ""))
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id == "register_experiment" and len(node.args) >= 2):
+                name, summary = (getattr(a, "value", None) for a in node.args[:2])
+                if isinstance(name, str):
+                    out[name] = (info.name, first_sentence(str(summary or "")))
     return out
 
 

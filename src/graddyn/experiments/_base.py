@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,7 +36,9 @@ class Experiment(ABC):
     versions and git SHA, seeds everything with ``config.seed`` (if the config has one), calls
     ``run``, and marks the run finished, failed or interrupted. ``run`` must be resumable:
     build the same objects again and call ``Trainer.fit``, which continues from the run's
-    latest checkpoint.
+    latest checkpoint; a study with its own loop runs each seed through
+    ``_seeds.each_seed_once`` (or keeps checkpoints of its own, as ``lsgd`` does).
+    ``tests/experiments/test_resume_contract.py`` checks every registered experiment.
     """
 
     Config: ClassVar[type[Any]]
@@ -80,3 +83,22 @@ def first_sentence(doc: str) -> str:
 
 # name -> Experiment subclass; each module graddyn/experiments/<name>.py registers itself.
 EXPERIMENTS: Registry[type[Experiment]] = Registry("experiment")
+
+
+def register_experiment(name: str, summary: str, config: type[Any],
+                        run: Callable[[Any, Run], None],
+                        report: Callable[[list[Run], Path], list[Path]],
+                        demo: Any = None) -> type[Experiment]:
+    """Register a config class with plain ``run`` / ``report`` functions as an
+    ``Experiment``. ``summary``: its docstring (a string literal: ``graddyn list`` reads it
+    from the source); ``demo``: the config ``graddyn demo`` runs (default ``config()``)."""
+    body: dict[str, Any] = {
+        "__doc__": summary, "__module__": getattr(run, "__module__", __name__),
+        "Config": config,
+        "run": lambda self, cfg, r: run(cfg, r),
+        "report": lambda self, runs, out_dir: report(runs, Path(out_dir)),
+    }
+    if demo is not None:
+        body["demo_config"] = lambda self: demo
+    cls = type(config.__name__.removesuffix("Config") or name, (Experiment,), body)
+    return EXPERIMENTS.register(name)(cls)

@@ -154,6 +154,35 @@ def config_from_dict(config_cls: type, data: dict[str, Any]) -> Any:
     return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+def check_min(config: Any, names: str, low: int = 1, above: bool = False) -> None:
+    """``ValueError`` naming the first of ``names`` (space-separated fields) below ``low``, or
+    with ``above`` not above it."""
+    for name in names.split():
+        value = getattr(config, name)
+        if value < low or (above and value == low):
+            raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value}")
+
+
+def set_names(config: Any, field: str, valid: Any) -> None:
+    """Store a names field given as a tuple or ``"a,b"`` as a tuple (frozen ``config``);
+    ``ValueError`` listing the ``valid`` names if it is empty or has an unknown one."""
+    names = getattr(config, field)
+    if isinstance(names, str):
+        names = [o.strip() for o in names.split(",") if o.strip()]
+    object.__setattr__(config, field, tuple(names))
+    unknown = [o for o in names if o not in valid]
+    if unknown or not names:
+        raise ValueError(f"unknown {field} {unknown or '(none given)'}; valid: "
+                         f"{', '.join(valid)}")
+
+
+def config_from_run(config_cls: type, run: Any) -> Any:
+    """The config ``run`` was made with (``run.config``); keys the class no longer has (runs
+    made by an older version) are left out."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_from_dict(config_cls, {k: v for k, v in run.config.items() if k in known})
+
+
 def format_value(value: Any) -> str:
     """The ``--set`` spelling of a value (tuples comma-separated)."""
     if isinstance(value, (tuple, list)):

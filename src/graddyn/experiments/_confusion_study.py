@@ -6,7 +6,7 @@ Two forms of gradient confusion, both over training:
 
 * **per-example**: the engine's (B, B) Gram of per-example gradients on a fixed probe batch
   (``graddyn.capture``). Batch norm in training mode couples the examples, so per-example
-  gradients are only defined with eval-mode statistics: :func:`eval_mode_engine` runs the
+  gradients are only defined with eval-mode statistics: :func:`eval_mode_backward` runs the
   capture with ``model.eval()`` (running statistics) and restores the mode afterwards.
   Caveat: at init the running statistics are (0, 1), so batch norm is then near identity and
   this form measures a different function from the one SGD trains; use the minibatch form
@@ -48,12 +48,12 @@ from graddyn.instruments.confusion import (
     confusion_from_vectors,
     minibatch_gradient,
 )
-from graddyn.train import LossFn, Run, per_example_cross_entropy, pergrad_engine
+from graddyn.train import LossFn, Run, capture_backward, per_example_cross_entropy
 
 __all__ = [
     "MinibatchConfusion",
     "compare_groups",
-    "eval_mode_engine",
+    "eval_mode_backward",
     "mean_ci_text",
     "minibatch_confusion",
     "per_example_confusion",
@@ -66,8 +66,8 @@ __all__ = [
 
 
 # ---- measurement ------------------------------------------------------------------------
-def eval_mode_engine(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> tuple:
-    """``graddyn.train.pergrad_engine`` with the model in eval mode (batch norm uses its running
+def eval_mode_backward(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> tuple:
+    """``graddyn.train.capture_backward`` in eval mode (batch norm uses its running
     statistics, so per-example gradients exist); the previous mode is restored.
 
     Returns ``(BatchGrads, losses (B,), outputs (B, K))``. A no-op change for nets without
@@ -75,7 +75,7 @@ def eval_mode_engine(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) ->
     was_training = model.training
     model.eval()
     try:
-        return pergrad_engine(model, loss_fn, x, y)
+        return capture_backward(model, loss_fn, x, y)
     finally:
         model.train(was_training)
 
@@ -86,7 +86,7 @@ def per_example_confusion(model: nn.Module, x: Tensor, y: Tensor,
     pass in eval mode, then the ``Confusion`` instrument (B(B-1)/2 pairs of the Gram).
 
     Cost: one forward and one backward of the batch plus the (B, B) Gram."""
-    grads, losses, outputs = eval_mode_engine(model, loss_fn, x, y)
+    grads, losses, outputs = eval_mode_backward(model, loss_fn, x, y)
     inst = Confusion()
     inst.update(Probe(grads=grads, losses=losses, outputs=outputs, targets=y, model=model))
     return inst.compute()

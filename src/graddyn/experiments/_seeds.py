@@ -90,3 +90,16 @@ class SeedRun:
 
     def load_array(self, name: str) -> Any:
         return self.run.load_array(self.prefix + name)
+
+
+def each_seed_once(run: Any, seeds: Sequence[int], work: Any) -> None:
+    """The resume contract of a study with its own loop: ``work(seed, SeedRun)``, seeded by
+    that seed alone, runs once per seed. A resumed run skips finished seeds (``done``) and
+    redoes an interrupted one from scratch: the records of an uninterrupted run."""
+    for seed in seeds:
+        view = SeedRun(run, seed)
+        if "done" in view.metric_names():
+            continue
+        run.truncate_after(-1, prefix=view.prefix)
+        work(seed, view)
+        view.log(0, {"done": 1.0})

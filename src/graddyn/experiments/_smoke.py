@@ -15,11 +15,24 @@ from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from graddyn.data import corrupt_labels
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import check_min
 from graddyn.instruments._base import Instrument, Probe
-from graddyn.train import Event, OnEvent, Run, Trainer, at_end, every, new_figure, save_figure
+from graddyn.train import (
+    Event,
+    OnEvent,
+    Probes,
+    Recording,
+    Run,
+    Trainer,
+    at_end,
+    every,
+    new_figure,
+    save_figure,
+)
 
 
 @dataclass(frozen=True)
@@ -42,9 +55,7 @@ class SmokeConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
-        for name in ("steps", "eval_every", "checkpoint_every", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "steps eval_every checkpoint_every batch_size")
 
 
 class GroupLoss(Instrument):
@@ -53,14 +64,15 @@ class GroupLoss(Instrument):
     name: ClassVar[str] = "group_loss"
     needs_grads: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self, corrupt: Tensor) -> None:
+        self.corrupt = corrupt  # (N,) bool over the training set
         self.reset()
 
     def update(self, probe: Probe) -> None:
-        assert probe.losses is not None and probe.groups is not None
-        self.sums += torch.stack([probe.losses[~probe.groups].sum(),
-                                  probe.losses[probe.groups].sum()])
-        self.counts += torch.stack([(~probe.groups).sum(), probe.groups.sum()])
+        assert probe.losses is not None and probe.indices is not None
+        groups = self.corrupt[probe.indices]  # (B,)
+        self.sums += torch.stack([probe.losses[~groups].sum(), probe.losses[groups].sum()])
+        self.counts += torch.stack([(~groups).sum(), groups.sum()])
 
     def compute(self) -> dict[str, Any]:
         means = self.sums / self.counts.clamp(min=1)
@@ -79,11 +91,7 @@ def make_blobs(cfg: SmokeConfig) -> tuple[SimpleNamespace, torch.Tensor]:
     n = cfg.n_train + cfg.n_test
     y = torch.randint(cfg.classes, (n,), generator=g)
     x = centres[y] + torch.randn(n, cfg.dim, generator=g, dtype=torch.float64)
-    train_y = y[: cfg.n_train].clone()
-    chosen = torch.randperm(cfg.n_train, generator=g)[: round(cfg.noise * cfg.n_train)]
-    train_y[chosen] = train_y[chosen[torch.randperm(len(chosen), generator=g)]]
-    mask = torch.zeros(cfg.n_train, dtype=torch.bool)
-    mask[chosen] = True
+    train_y, mask = corrupt_labels(y[: cfg.n_train], cfg.noise, g)
     data = SimpleNamespace(train_x=x[: cfg.n_train], train_y=train_y,
                            test_x=x[cfg.n_train:], test_y=y[cfg.n_train:])
     return data, mask
@@ -113,10 +121,10 @@ class Smoke(Experiment):
             interventions.append(OnEvent(Event.AFTER_STEP, lambda st: time.sleep(config.sleep)))
         trainer = Trainer(
             model, opt, data, batch_size=config.batch_size, seed=config.seed, run=run,
-            groups=mask, instruments=[(GroupLoss(), every(5) | at_end)],
+            probes=Probes([(GroupLoss(mask), every(5) | at_end)]),
             interventions=interventions, lr_scheduler=sched,
-            eval_schedule=every(config.eval_every) | at_end,
-            checkpoint_schedule=every(config.checkpoint_every) | at_end,
+            recording=Recording(eval=every(config.eval_every) | at_end,
+                                checkpoint=every(config.checkpoint_every) | at_end),
         )
         trainer.fit(config.steps)
         with torch.no_grad():

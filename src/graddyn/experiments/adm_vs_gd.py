@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import check_min, config_from_run
+from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._shapes import ShapesData, make_shapes
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, write_verdicts
@@ -68,9 +69,7 @@ class AdmVsGdConfig:
         return self.seeds[0]
 
     def __post_init__(self) -> None:
-        for name in ("n_images", "width", "outer", "inner_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "n_images width outer inner_steps", 0, above=True)
         if self.size < 12:
             raise ValueError(f"size must be >= 12, got {self.size}")
         if self.warmup_steps < 0 or self.lam < 0 or min(self.sigma, self.lr, self.proximity) <= 0:
@@ -116,9 +115,9 @@ def _cut_labels(net: nn.Module, data: ShapesData, edges, weights: Tensor, lam: f
 
 def run_adm_vs_gd(cfg: AdmVsGdConfig, run: Run) -> None:
     """For every seed (metrics under ``seed<s>/``): warm up on partial CE, then GD and ADM
-    from the same network; see module doc."""
-    for seed in cfg.seeds:
-        _run_seed(replace(cfg, seeds=(seed,)), SeedRun(run, seed))
+    from the same network; see module doc. A resumed run redoes an unfinished seed."""
+    each_seed_once(run, cfg.seeds, lambda seed, view: _run_seed(replace(cfg, seeds=(seed,)),
+                                                                view))
 
 
 def _run_seed(cfg: AdmVsGdConfig, run: SeedRun) -> None:
@@ -163,12 +162,6 @@ def _outer_iteration(method: str, net: nn.Module, opt: torch.optim.Optimizer, da
     return {} if labels is None else {"labels_miou": mean_iou(labels, data.masks)}
 
 
-def _config(run: Run) -> AdmVsGdConfig:
-    known = set(AdmVsGdConfig.__dataclass_fields__)
-    return AdmVsGdConfig(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in run.config.items() if k in known})
-
-
 def verdicts(miou: dict[str, np.ndarray], reg: dict[str, np.ndarray]) -> list[Verdict]:
     """Marin et al.'s claim from per-seed end values (``method -> (S,)``): ADM reaches a
     lower regularised loss and a higher mIoU than GD on the same loss."""
@@ -188,7 +181,7 @@ def report_adm_vs_gd(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = []
     for run in runs:
-        cfg = _config(run)
+        cfg = config_from_run(AdmVsGdConfig, run)
         views = [SeedRun(run, s) for s in cfg.seeds]
         if "gd/miou" not in views[0].metric_names():
             raise ValueError(f"run {run.dir} has no mIoU records; run it first")
@@ -219,17 +212,7 @@ def _figure(run: SeedRun, cfg: AdmVsGdConfig, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-@EXPERIMENTS.register("adm-vs-gd")
-class AdmVsGd(Experiment):
-    """ADM with graph cuts vs GD on a scribble-supervised Potts-regularised segmentation loss."""
-
-    Config = AdmVsGdConfig
-
-    def run(self, config: AdmVsGdConfig, run: Run) -> None:
-        run_adm_vs_gd(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_adm_vs_gd(runs, out_dir)
-
-    def demo_config(self) -> AdmVsGdConfig:
-        return AdmVsGdConfig(n_images=6, outer=8)
+register_experiment(
+    "adm-vs-gd",
+    "ADM with graph cuts vs GD on a scribble-supervised Potts-regularised segmentation loss.",
+    AdmVsGdConfig, run_adm_vs_gd, report_adm_vs_gd, demo=AdmVsGdConfig(n_images=6, outer=8))

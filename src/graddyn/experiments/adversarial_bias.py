@@ -30,8 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from graddyn.data import load_dataset
-from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds
+from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import check_min, config_from_run
+from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.instruments.margin import (
@@ -79,9 +80,7 @@ class AdversarialBiasConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
-        for name in ("n_train", "dim", "steps", "n_records", "net_width", "net_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "n_train dim steps n_records net_width net_steps", 0, above=True)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
         if self.step_rule not in ("constant", "normalized"):
@@ -108,9 +107,8 @@ def _records(steps: int, n: int) -> list[int]:
 def run_adversarial_bias(cfg: AdversarialBiasConfig, run: Run) -> None:
     """For every seed, log ``seed<s>/{clean,l2,linf}/angle`` (to each variant's target
     direction), ``linf/angle_l2``, ``*/margin`` and ``*/robust_margin`` at log-spaced steps;
-    then the network part."""
-    for seed in cfg.seeds:
-        _run_seed(cfg, SeedRun(run, seed), seed)
+    then the network part. A resumed run redoes an unfinished seed."""
+    each_seed_once(run, cfg.seeds, lambda seed, view: _run_seed(cfg, view, seed))
 
 
 def _run_seed(cfg: AdversarialBiasConfig, run: SeedRun, seed: int) -> None:
@@ -199,11 +197,6 @@ def _theory(ax, steps: np.ndarray, values: np.ndarray, rate: str, **style) -> No
     ax.plot(t, values[-1] * f(t) / f(t[-1]), **style)
 
 
-def _config(run: Run) -> AdversarialBiasConfig:
-    known = set(AdversarialBiasConfig.__dataclass_fields__)
-    return AdversarialBiasConfig(**{k: v for k, v in run.config.items() if k in known})
-
-
 RATE_MARGIN = 0.1  # (2) the l2 slope counts as the O(1/sqrt T) rate below -0.5 + this
 
 
@@ -249,7 +242,7 @@ def report_adversarial_bias(runs: Sequence[Run], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = []
     for run in runs:
-        cfg = _config(run)
+        cfg = config_from_run(AdversarialBiasConfig, run)
         first = SeedRun(run, cfg.seeds[0])
         if f"seed{cfg.seeds[0]}/clean/angle" not in run.metric_names():
             raise ValueError(f"run {run.dir} has no angle records; run it first")
@@ -293,17 +286,8 @@ def _figure(run: SeedRun, cfg: AdversarialBiasConfig, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-@EXPERIMENTS.register("adversarial-bias")
-class AdversarialBias(Experiment):
-    """Adversarial GD on separable data converges to the (mixed-norm) max-margin direction."""
-
-    Config = AdversarialBiasConfig
-
-    def run(self, config: AdversarialBiasConfig, run: Run) -> None:
-        run_adversarial_bias(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_adversarial_bias(runs, out_dir)
-
-    def demo_config(self) -> AdversarialBiasConfig:
-        return AdversarialBiasConfig(steps=2000, net_steps=100)
+register_experiment(
+    "adversarial-bias",
+    "Adversarial GD on separable data converges to the (mixed-norm) max-margin direction.",
+    AdversarialBiasConfig, run_adversarial_bias, report_adversarial_bias,
+    demo=AdversarialBiasConfig(steps=2000, net_steps=100))

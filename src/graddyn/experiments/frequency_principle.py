@@ -34,7 +34,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import check_min, config_from_run, set_names
 from graddyn.experiments._seeds import check_seeds
 from graddyn.experiments._stats import RULE, all_of, effect_verdict, mean_ci
 from graddyn.instruments._base import Probe
@@ -96,23 +97,14 @@ class FrequencyPrincipleConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
-        opts = self.optimizers
-        if isinstance(opts, str):
-            opts = tuple(o.strip() for o in opts.split(",") if o.strip())
-        object.__setattr__(self, "optimizers", tuple(opts))
-        unknown = [o for o in self.optimizers if o not in METHODS]
-        if unknown or not self.optimizers:
-            valid = ", ".join(METHODS.names())
-            raise ValueError(f"unknown optimizers {unknown or '(none given)'}; valid: {valid}")
+        set_names(self, "optimizers", METHODS.names())
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; valid: {', '.join(TARGETS)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}"
             )
-        for name in ("width", "n_points", "max_evals", "n_records", "pso_popsize"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "width n_points max_evals n_records pso_popsize", 0, above=True)
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}; try 0.1")
         check_seeds(self.seeds)
@@ -322,23 +314,13 @@ def report_frequency_principle(runs: Sequence[Run], out_dir: Path) -> list[Path]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for run in runs:
-        known = set(FrequencyPrincipleConfig.__dataclass_fields__)
-        cfg = FrequencyPrincipleConfig(**{k: v for k, v in run.config.items() if k in known})
+        cfg = config_from_run(FrequencyPrincipleConfig, run)
         paths += [_heatmaps(run, cfg, out_dir), _summary(run, cfg, out_dir)]
     return paths
 
 
-@EXPERIMENTS.register("frequency-principle")
-class FrequencyPrinciple(Experiment):
-    """Which frequencies SGD, Adam, CG, BFGS, L-BFGS, Powell and PSO learn first (F-principle)."""
-
-    Config = FrequencyPrincipleConfig
-
-    def run(self, config: FrequencyPrincipleConfig, run: Run) -> None:
-        run_frequency_principle(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_frequency_principle(runs, out_dir)
-
-    def demo_config(self) -> FrequencyPrincipleConfig:
-        return FrequencyPrincipleConfig(max_evals=2000, n_records=20)
+register_experiment(
+    "frequency-principle",
+    "Which frequencies SGD, Adam, CG, BFGS, L-BFGS, Powell and PSO learn first (F-principle).",
+    FrequencyPrincipleConfig, run_frequency_principle, report_frequency_principle,
+    demo=FrequencyPrincipleConfig(max_evals=2000, n_records=20))

@@ -41,27 +41,36 @@ import numpy as np
 import torch
 from torch import nn
 
-from graddyn.data import DataSplits
-from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._config import ConfigError, config_from_dict
+from graddyn.data import DataSplits, subsample
+from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import ConfigError, check_min, config_from_dict
 from graddyn.experiments._confusion_study import (
     ABSENCE_SLOPE,
     MinibatchConfusion,
     Table,
     cell_summary,
-    eval_mode_engine,
+    eval_mode_backward,
     paper_claims,
 )
 from graddyn.experiments._seeds import load_study_data
 from graddyn.experiments._stats import RULE, mean_ci
 from graddyn.instruments.confusion import Confusion
 from graddyn.models import build_model, init_weights
-from graddyn.train import NonFiniteLossError, Run, Trainer, at_end, every, new_figure, seed_all
+from graddyn.train import (
+    NonFiniteLossError,
+    Probes,
+    Recording,
+    Run,
+    Trainer,
+    at_end,
+    every,
+    new_figure,
+    seed_all,
+)
 from graddyn.train import save_figure as _save
 
-__all__ = ["Cell", "GradientConfusion", "GradientConfusionConfig", "make_cells", "make_model",
-           "report_gradient_confusion", "run_gradient_confusion",
-           "study_table"]
+__all__ = ["Cell", "GradientConfusionConfig", "make_cells", "make_model",
+           "report_gradient_confusion", "run_gradient_confusion", "study_table"]
 
 STUDIES = ("width", "depth", "bn-skip", "init")
 STUDY_EPOCHS = {"width": 8, "depth": 8, "bn-skip": 4, "init": 8}
@@ -120,10 +129,8 @@ class GradientConfusionConfig:
         if self.epochs < 0 or self.lr < 0:
             raise ValueError("epochs and lr must be > 0 (or 0: the study's default), got "
                              f"{self.epochs}, {self.lr}")
-        for name in ("batch_size", "measure_every", "evals_per_epoch", "mb_size",
-                     "wrn_width", "base_channels", "width"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "batch_size measure_every evals_per_epoch "
+                  "mb_size wrn_width base_channels width")
         if self.probe_size < 2 or self.mb_count < 2:
             raise ValueError("probe_size and mb_count must be >= 2 (confusion needs pairs), "
                              f"got {self.probe_size}, {self.mb_count}")
@@ -199,12 +206,10 @@ def make_model(cell: Cell, data: DataSplits) -> nn.Module:
 
 def load_data(cfg: GradientConfusionConfig) -> DataSplits:
     """The dataset in the default dtype; ``max_train`` examples (seeded subsample) if set."""
-    d = load_study_data(cfg.dataset, "", cfg.preprocess)
+    d = subsample(load_study_data(cfg.dataset, "", cfg.preprocess), cfg.max_train or None,
+                  generator=torch.Generator().manual_seed(cfg.seed))
     dtype = torch.get_default_dtype()
-    keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(cfg.seed))
-    keep = keep[: cfg.max_train] if cfg.max_train else torch.arange(len(d.train_y))
-    d = replace(d, train_x=d.train_x[keep].to(dtype), train_y=d.train_y[keep],
-                test_x=d.test_x.to(dtype))
+    d = replace(d, train_x=d.train_x.to(dtype), test_x=d.test_x.to(dtype))
     if len(d.train_y) < max(cfg.batch_size, cfg.mb_size):
         raise ConfigError(f"{len(d.train_y)} training examples is fewer than batch_size="
                          f"{cfg.batch_size} / mb_size={cfg.mb_size}; lower them or max_train")
@@ -224,10 +229,12 @@ def _train_cell(cfg: GradientConfusionConfig, cell: Cell, data: DataSplits, run:
     mb = MinibatchConfusion(data.train_x, data.train_y, cfg.mb_count, cfg.mb_size, cell.seed)
     trainer = Trainer(
         model, opt, data, batch_size=cfg.batch_size, seed=cell.seed, run=run, tag=cell.tag,
-        instruments=[(Confusion(), measure), (mb, measure)], probe_size=cfg.probe_size,
-        engine=eval_mode_engine, log_schedule=None, lr_scheduler=sched,
+        probes=Probes([(Confusion(), measure), (mb, measure)], size=cfg.probe_size,
+                      backward=eval_mode_backward),
+        lr_scheduler=sched,
         # evaluating at every measurement too gives the train loss there (matched comparison)
-        eval_schedule=every(max(1, per_epoch // cfg.evals_per_epoch)) | measure,
+        recording=Recording(loss=None,
+                            eval=every(max(1, per_epoch // cfg.evals_per_epoch)) | measure),
     )
     try:
         trainer.fit((cfg.epochs or STUDY_EPOCHS[cfg.study]) * per_epoch)
@@ -392,17 +399,8 @@ def report_gradient_confusion(runs: list[Run], out_dir: Path) -> list[Path]:
     return paths
 
 
-@EXPERIMENTS.register("gradient-confusion")
-class GradientConfusion(Experiment):
-    """Gradient confusion vs width, depth, batch norm + skip, init (Sankararaman et al. 2020)."""
-
-    Config = GradientConfusionConfig
-
-    def run(self, config: GradientConfusionConfig, run: Run) -> None:
-        run_gradient_confusion(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_gradient_confusion(runs, out_dir)
-
-    def demo_config(self) -> GradientConfusionConfig:
-        return GradientConfusionConfig(study="depth", depths=(1, 4, 16), seeds=(0,), epochs=3)
+register_experiment(
+    "gradient-confusion",
+    "Gradient confusion vs width, depth, batch norm + skip, init (Sankararaman et al. 2020).",
+    GradientConfusionConfig, run_gradient_confusion, report_gradient_confusion,
+    demo=GradientConfusionConfig(study="depth", depths=(1, 4, 16), seeds=(0,), epochs=3))

@@ -45,11 +45,12 @@ from graddyn.data import (
     iterate_minibatches,
     permute_pixels,
     split_by_classes,
+    subsample,
 )
-from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._base import register_experiment
 from graddyn.experiments._gradient_transfer_report import report_gradient_transfer
 from graddyn.experiments._gradient_transfer_studies import label_permutation_control
-from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
+from graddyn.experiments._seeds import check_seeds, each_seed_once, load_study_data
 from graddyn.interventions.alignment import (
     apply_permutation,
     permutation_align,
@@ -73,7 +74,6 @@ from graddyn.models import build_model, init_weights
 from graddyn.train import Run
 
 __all__ = [
-    "GradientTransfer",
     "GradientTransferConfig",
     "make_model",
     "make_tasks",
@@ -132,14 +132,10 @@ class GradientTransferConfig:
 
 # ---- data, models, training ---------------------------------------------------------------
 def _subsample(d: DataSplits, cfg: GradientTransferConfig) -> DataSplits:
-    g = torch.Generator().manual_seed(cfg.seed + 12345)
-    n_tr = cfg.max_train or len(d.train_y)
-    n_te = cfg.max_test or len(d.test_y)
-    tr = torch.randperm(len(d.train_y), generator=g)[:n_tr]
-    te = torch.randperm(len(d.test_y), generator=g)[:n_te]
-    return replace(
-        d, train_x=d.train_x[tr], train_y=d.train_y[tr], test_x=d.test_x[te], test_y=d.test_y[te]
-    )
+    """``max_train`` / ``max_test`` random examples (0: all, still shuffled)."""
+    n, m = len(d.train_y), len(d.test_y)
+    return subsample(d, min(cfg.max_train or n, n), min(cfg.max_test or m, m),
+                     torch.Generator().manual_seed(cfg.seed + 12345))
 
 
 def make_tasks(cfg: GradientTransferConfig) -> tuple[DataSplits, DataSplits, DataSplits]:
@@ -385,26 +381,17 @@ def run_gradient_transfer(config: GradientTransferConfig, run: Run) -> None:
     """Run the configured study for every seed and log its metrics under ``seed<s>/`` (see
     the module docstring for names); a seed that finished is skipped on resume."""
     study = {"alpha-sweep": _alpha_sweep, "fusion": _fusion, "forgetting": _forgetting}
-    for seed in config.seeds:
-        view = SeedRun(run, seed)
-        if "done" in view.metric_names():
-            continue
-        study[config.study](replace(config, seeds=(seed,)), view)
-        view.log(0, {"done": 1.0})
+    each_seed_once(run, config.seeds, lambda seed, view: study[config.study](
+        replace(config, seeds=(seed,)), view))
 
 
-@EXPERIMENTS.register("gradient-transfer")
-class GradientTransfer(Experiment):
-    """Cumulative-gradient transfer, model fusion and forgetting, with reviewers' baselines."""
+def _report_pngs(runs: list[Run], out_dir: Path) -> list[Path]:
+    """PNG figures per run; markdown tables (accuracy in %) are written beside them."""
+    return [p for p in report_gradient_transfer(runs, out_dir) if p.suffix == ".png"]
 
-    Config = GradientTransferConfig
 
-    def run(self, config: GradientTransferConfig, run: Run) -> None:
-        run_gradient_transfer(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        """PNG figures per run; markdown tables (accuracy in %) are written beside them."""
-        return [p for p in report_gradient_transfer(runs, out_dir) if p.suffix == ".png"]
-
-    def demo_config(self) -> GradientTransferConfig:
-        return GradientTransferConfig(study="fusion", epochs=5, width=32, n_points=5)
+register_experiment(
+    "gradient-transfer",
+    "Cumulative-gradient transfer, model fusion and forgetting, with reviewers' baselines.",
+    GradientTransferConfig, run_gradient_transfer, _report_pngs,
+    demo=GradientTransferConfig(study="fusion", epochs=5, width=32, n_points=5))

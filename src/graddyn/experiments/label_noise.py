@@ -21,7 +21,7 @@ Recorded per (seed, level):
   reduction) and ``null{0,1,2}/*`` (group labels permuted: the paper's significance check);
 * ``batch_coherence/alpha``, ``m_coherence`` of the training minibatch over training.
 
-The per-minibatch instruments (``Trainer(batch_instruments=...)``) reuse the training step's
+The per-minibatch instruments (``Probes(batch_instruments=...)``) reuse the training step's
 own backward (``graddyn.train.measured_backward``: one captured backward gives ``p.grad`` and
 the Gram), so they cost little.
 
@@ -43,18 +43,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import check_min
 from graddyn.experiments._label_noise_report import draw_report
 from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.instruments import BatchCoherence, GroupSplit, Instrument, LearnedAt, Probe
+from graddyn.models import evaluate
 from graddyn.models._init import check_scheme
-from graddyn.train import Run, Trainer, at, at_end, every, logspaced
+from graddyn.train import Probes, Recording, Run, Trainer, at, at_end, every, logspaced
 
 # The paper's length on full MNIST (our reading of its figures: 100 epochs of 600 batches).
 PAPER_STEPS = 60_000
@@ -95,12 +96,8 @@ class LabelNoiseConfig:
         if not self.noise_levels or any(not 0.0 <= f <= 1.0 for f in self.noise_levels):
             raise ValueError(f"noise_levels must be fractions in [0, 1], e.g. 0,0.5,1; got "
                              f"{self.noise_levels!r}")
-        for name in ("width", "batch_size", "eval_points", "coherence_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_train", "steps", "split_steps", "null_worlds", "probe_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, "width batch_size eval_points coherence_points")
+        check_min(self, "n_train steps split_steps null_worlds probe_size", 0)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         check_seeds(self.seeds)
@@ -118,14 +115,6 @@ def level_tag(fraction: float, seed: int | None = None) -> str:
     """Metric prefix of a noise level (of one seed): 0.25 -> ``noise25``, ``seed1/noise25``."""
     tag = f"noise{round(100 * fraction)}"
     return tag if seed is None else f"seed{seed}/{tag}"
-
-
-def noisy_data(cfg: LabelNoiseConfig, splits: Any, fraction: float, seed: int
-               ) -> tuple[SimpleNamespace, Tensor]:
-    """Training set (``n_train`` subset if set) with ``fraction`` of labels shuffled among
-    themselves (seeded by ``seed``: the corrupt sets of the levels are nested), clean
-    test set. Returns (data with ``clean_y`` kept, corrupt mask (N,) bool)."""
-    return noisy_subset(splits, cfg.n_train, fraction, seed)
 
 
 class Fit(Instrument):
@@ -159,21 +148,9 @@ class Fit(Instrument):
             raise RuntimeError("Fit.compute() called before any update(); call update first")
         out = {"train_loss": self._loss / self._n, "train_acc": self._correct / self._n}
         if self._model is not None and self.test_x is not None and self.test_y is not None:
-            out.update(self._held_out(self._model))
+            out["test_loss"], out["test_acc"] = evaluate(self._model, self.test_x, self.test_y,
+                                                         self.batch_size)
         return out
-
-    @torch.no_grad()
-    def _held_out(self, model: torch.nn.Module) -> dict[str, float]:
-        assert self.test_x is not None and self.test_y is not None
-        was_training = model.training
-        model.eval()
-        loss, correct = 0.0, 0
-        for xb, yb in zip(self.test_x.split(self.batch_size), self.test_y.split(self.batch_size)):
-            out = model(xb)  # (b, K)
-            loss += float(torch.nn.functional.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(-1) == yb).sum())
-        model.train(was_training)
-        return {"test_loss": loss / len(self.test_y), "test_acc": correct / len(self.test_y)}
 
 
 def _schedules(cfg: LabelNoiseConfig) -> dict[str, Any]:
@@ -221,7 +198,7 @@ class LabelNoise(Experiment):
         from graddyn.models import build_model
 
         tag = level_tag(fraction, seed)
-        data, mask = noisy_data(cfg, splits, fraction, seed)
+        data, mask = noisy_subset(splits, cfg.n_train, fraction, seed)
         writes = run is not None and not run.readonly
         if writes:
             run.log_array(f"{tag}/corrupt_mask", mask)
@@ -237,14 +214,15 @@ class LabelNoise(Experiment):
 
         trainer = Trainer(
             model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-            batch_size=cfg.batch_size, seed=seed, groups=mask, run=run,
-            tag=tag, probe_size=cfg.probe_size or len(data.train_y), probe_batch_size=1000,
-            instruments=[(Fit(data.test_x, data.test_y), sched["eval"]),
-                         (LearnedAt(run_long=True), sched["eval"])],
-            batch_instruments=[
-                (GroupSplit(cfg.null_worlds, seed, cumulative=True), sched["split"]),
-                (BatchCoherence(), sched["coherence"])],
-            eval_schedule=None, checkpoint_schedule=sched["checkpoint"])
+            batch_size=cfg.batch_size, seed=seed, run=run, tag=tag,
+            probes=Probes(
+                [(Fit(data.test_x, data.test_y), sched["eval"]),
+                 (LearnedAt(run_long=True, corrupt=mask), sched["eval"])],
+                batch_instruments=[
+                    (GroupSplit(mask, cfg.null_worlds, seed, cumulative=True), sched["split"]),
+                    (BatchCoherence(), sched["coherence"])],
+                size=cfg.probe_size or len(data.train_y), batch_size=1000),
+            recording=Recording(checkpoint=sched["checkpoint"]))
         trainer.fit(cfg.total_steps)
         if writes:  # a finished level needs only its last checkpoint (6 MB each)
             for _, path in run.checkpoints(tag)[:-1]:

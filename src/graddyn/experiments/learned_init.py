@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._seeds import SeedRun, check_seeds, load_study_data
+from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import check_min
+from graddyn.experiments._seeds import SeedRun, check_seeds, each_seed_once, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, write_verdicts
 from graddyn.interventions.adversarial import pgd, random_start
@@ -81,10 +82,8 @@ class LearnedInitConfig:
         if self.regressor not in REGRESSORS:
             raise ValueError(
                 f"unknown regressor {self.regressor!r}; valid: {', '.join(REGRESSORS)}")
-        for name in ("clf_width", "clf_steps", "pgd_steps", "n_fit", "n_eval", "n_tasks_fit",
-                     "n_tasks_eval", "sine_width", "solve_steps", "budget"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_min(self, "clf_width clf_steps pgd_steps n_fit n_eval "
+                  "n_tasks_fit n_tasks_eval sine_width solve_steps budget", 0, above=True)
         if self.n_tasks_fit < 2 or self.n_fit < 2:
             raise ValueError("n_fit and n_tasks_fit must be >= 2 (the map needs examples)")
         if self.eps <= 0 or self.sine_lr <= 0 or self.target_loss <= 0:
@@ -93,11 +92,15 @@ class LearnedInitConfig:
 
 
 def run_learned_init(cfg: LearnedInitConfig, run: Run) -> None:
-    """Both families for every seed (metrics under ``seed<s>/``); see the module doc."""
-    for seed in cfg.seeds:
-        one, view = replace(cfg, seeds=(seed,)), SeedRun(run, seed)
+    """Both families for every seed (metrics under ``seed<s>/``); see the module doc. A
+    resumed run redoes an unfinished seed."""
+
+    def work(seed: int, view: SeedRun) -> None:
+        one = replace(cfg, seeds=(seed,))
         _run_adversarial(one, view)
         _run_sine(one, view)
+
+    each_seed_once(run, cfg.seeds, work)
 
 
 # ----- family (a): PGD adversarial examples -------------------------------------------------
@@ -307,17 +310,8 @@ def _figure(run: SeedRun, target: float, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-@EXPERIMENTS.register("learned-init")
-class LearnedInitExperiment(Experiment):
-    """Learned vs random vs hand-crafted starts: PGD attacks on digits, sinusoid regression."""
-
-    Config = LearnedInitConfig
-
-    def run(self, config: LearnedInitConfig, run: Run) -> None:
-        run_learned_init(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_learned_init(runs, out_dir)
-
-    def demo_config(self) -> LearnedInitConfig:
-        return LearnedInitConfig(n_fit=200, n_eval=100, n_tasks_fit=10, n_tasks_eval=4)
+register_experiment(
+    "learned-init",
+    "Learned vs random vs hand-crafted starts: PGD attacks on digits, sinusoid regression.",
+    LearnedInitConfig, run_learned_init, report_learned_init,
+    demo=LearnedInitConfig(n_fit=200, n_eval=100, n_tasks_fit=10, n_tasks_eval=4))

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import check_min, set_names
 from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.experiments._stats import (
     absence_verdict,
@@ -61,7 +62,7 @@ from graddyn.experiments._verdicts import (
 from graddyn.instruments import LearnedAt
 from graddyn.interventions.median_optim import A3, M3, RA3, RM3
 from graddyn.models._init import check_scheme
-from graddyn.train import Run, Trainer, at_end, every, new_figure, save_figure
+from graddyn.train import Probes, Recording, Run, Trainer, at_end, every, new_figure, save_figure
 
 OPTIMIZERS: dict[str, Any] = {"sgd": torch.optim.SGD, "m3": M3, "a3": A3, "rm3": RM3,
                               "ra3": RA3}
@@ -94,19 +95,10 @@ class MedianOf3Config:
     seeds: tuple[int, ...] = (0, 1, 2)
 
     def __post_init__(self) -> None:
-        opts = self.optimizers
-        if isinstance(opts, str):
-            opts = tuple(o.strip() for o in opts.split(",") if o.strip())
-        object.__setattr__(self, "optimizers", tuple(opts))
-        unknown = [o for o in self.optimizers if o not in OPTIMIZERS]
-        if unknown or not self.optimizers:
-            raise ValueError(f"unknown optimizers {unknown or '(none given)'}; valid: "
-                             f"{', '.join(OPTIMIZERS)}")
+        set_names(self, "optimizers", OPTIMIZERS)
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be a fraction in [0, 1], got {self.noise}")
-        for name in ("width", "depth", "steps", "batch_size", "eval_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "width depth steps batch_size eval_points")
         if self.n_train < 0 or not self.lr > 0:
             raise ValueError(f"n_train must be >= 0 and lr > 0, got {self.n_train}, {self.lr}")
         check_seeds(self.seeds)
@@ -126,10 +118,11 @@ def make_trainer(cfg: MedianOf3Config, splits: Any, optimizer: str, seed: int,
                                    ).to(data.train_x.dtype)
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=cfg.lr)
     evals = every(max(1, math.ceil(cfg.steps / cfg.eval_points))) | at_end
-    return Trainer(model, opt, data, batch_size=cfg.batch_size, seed=seed, groups=mask,
-                   run=run, tag=f"seed{seed}/{optimizer}", probe_size=len(mask),
-                   probe_batch_size=1000, instruments=[(LearnedAt(), evals)],
-                   eval_schedule=evals, checkpoint_schedule=at_end)
+    return Trainer(model, opt, data, batch_size=cfg.batch_size, seed=seed, run=run,
+                   tag=f"seed{seed}/{optimizer}",
+                   probes=Probes([(LearnedAt(corrupt=mask), evals)], size=len(mask),
+                                 batch_size=1000),
+                   recording=Recording(eval=evals, checkpoint=at_end))
 
 
 # ---- verdicts ---------------------------------------------------------------------------

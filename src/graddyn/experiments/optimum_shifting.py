@@ -58,8 +58,8 @@ from graddyn.curvature import (
     hutchinson_trace,
     top_eigenvalues,
 )
-from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._config import ConfigError
+from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import ConfigError, check_min
 from graddyn.experiments._seeds import load_study_data
 from graddyn.interventions.optimum_shift import (
     StochasticOptimumShift,
@@ -67,7 +67,7 @@ from graddyn.interventions.optimum_shift import (
     optimum_shift,
 )
 from graddyn.models import MODELS, build_model, last_linear
-from graddyn.train import Event, OnEvent, Run, Trainer, every, seed_all
+from graddyn.train import Event, OnEvent, Recording, Run, Trainer, every, seed_all
 
 METHODS = ("sgd", "wd", "sos")
 
@@ -119,19 +119,8 @@ class OptimumShiftingConfig:
             raise ValueError(f"subset must be >= 0 (0: all examples), got {self.subset}")
         if len(self.cnn_channels) != 2:
             raise ValueError(f"cnn_channels must be two conv widths, got {self.cnn_channels}")
-        for name in (
-            "steps",
-            "batch_size",
-            "sos_every",
-            "sos_batch",
-            "os_rows",
-            "curv_rows",
-            "eval_every",
-            "curv_every",
-            "width",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "steps batch_size sos_every sos_batch "
+                  "os_rows curv_rows eval_every curv_every width")
         if self.trace_probes < 2 or self.last_probes < 2:
             raise ValueError(
                 "trace_probes and last_probes must be >= 2 (a standard error needs two probes)"
@@ -271,9 +260,7 @@ def train_one(
         run=run,
         tag=tag,
         interventions=interventions,
-        eval_schedule=every(cfg.eval_every),
-        log_schedule=None,
-        checkpoint_schedule=None,
+        recording=Recording(loss=None, eval=every(cfg.eval_every), checkpoint=None),
     )
     if run is not None:
         run.truncate_after(-1, prefix=f"{tag}/")  # an interrupted pair starts over
@@ -348,19 +335,14 @@ def run_optimum_shifting(cfg: OptimumShiftingConfig, run: Run) -> None:
                 run_pair(cfg, run, model_name, method, seed, fit, wd)
 
 
-@EXPERIMENTS.register("optimum-shifting")
-class OptimumShifting(Experiment):
-    """Optimum shifting (OS / stochastic OS) vs SGD and tuned weight decay, with Hessian trace."""
+def _report(runs: list[Run], out_dir: Path) -> list[Path]:
+    from graddyn.experiments._optimum_shifting_report import report_optimum_shifting
 
-    Config = OptimumShiftingConfig
+    return report_optimum_shifting(runs, out_dir)
 
-    def run(self, config: OptimumShiftingConfig, run: Run) -> None:
-        run_optimum_shifting(config, run)
 
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        from graddyn.experiments._optimum_shifting_report import report_optimum_shifting
-
-        return report_optimum_shifting(runs, Path(out_dir))
-
-    def demo_config(self) -> OptimumShiftingConfig:
-        return OptimumShiftingConfig(models=("cnn",), seeds=(0, 1), steps=150)
+register_experiment(
+    "optimum-shifting",
+    "Optimum shifting (OS / stochastic OS) vs SGD and tuned weight decay, with Hessian trace.",
+    OptimumShiftingConfig, run_optimum_shifting, _report,
+    demo=OptimumShiftingConfig(models=("cnn",), seeds=(0, 1), steps=150))

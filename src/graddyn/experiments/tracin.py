@@ -35,18 +35,18 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from graddyn.data import flip_labels
-from graddyn.experiments._base import EXPERIMENTS, Experiment
-from graddyn.experiments._config import ConfigError, config_from_dict
+from graddyn._losses import per_example_cross_entropy
+from graddyn.data import flip_labels, subsample
+from graddyn.experiments._base import register_experiment
+from graddyn.experiments._config import ConfigError, check_min, config_from_dict
 from graddyn.experiments._seeds import check_seeds, load_study_data
 from graddyn.experiments._stats import effect_verdict, mean_ci, paired_diff
 from graddyn.experiments._verdicts import Verdict, departures, write_verdicts
 from graddyn.influence import TracIn, checkpoints_from_run
 from graddyn.models import build_model
-from graddyn.train import Run, Trainer, at, at_end, every, new_figure, save_figure
-from graddyn.train._rules import per_example_cross_entropy
+from graddyn.train import Recording, Run, Trainer, at, at_end, every, new_figure, save_figure
 
-__all__ = ["TracInMislabel", "TracInMislabelConfig", "checkpoint_subset", "fraction_found",
+__all__ = ["TracInMislabelConfig", "checkpoint_subset", "fraction_found",
            "report_tracin_mislabel", "run_tracin_mislabel"]
 
 CHECKED = (0.1, 0.2, 0.3)  # fractions of the data checked that the summary reports
@@ -77,9 +77,7 @@ class TracInMislabelConfig:
             raise ValueError(f"unknown model {self.model!r}; valid: ('mlp', 'cnn')")
         if not 0.0 < self.noise < 1.0:
             raise ValueError(f"noise must be in (0, 1) (a fraction of labels), got {self.noise}")
-        for name in ("width", "depth", "epochs", "batch_size", "n_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_min(self, "width depth epochs batch_size n_checkpoints")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         bad = [c for c in self.checkpoint_counts if not 0 <= c <= self.n_checkpoints]
@@ -117,10 +115,7 @@ def _found_at(curve: np.ndarray, frac: float) -> float:
 def _setup(cfg: TracInMislabelConfig, seed: int) -> tuple:
     """-> (data with flipped training labels, corrupt mask (N,), model) of one seed."""
     d = load_study_data(cfg.dataset, "", cfg.preprocess)
-    if cfg.max_train:
-        keep = torch.randperm(len(d.train_y), generator=torch.Generator().manual_seed(
-            seed + 1))[:cfg.max_train]
-        d = replace(d, train_x=d.train_x[keep], train_y=d.train_y[keep])
+    d = subsample(d, cfg.max_train or None, generator=torch.Generator().manual_seed(seed + 1))
     noisy, mask = flip_labels(d.train_y, cfg.noise, d.num_classes,
                               torch.Generator().manual_seed(seed + 2))
     torch.manual_seed(seed)
@@ -153,8 +148,8 @@ def _run_seed(cfg: TracInMislabelConfig, run: Run, seed: int) -> dict[str, float
     tag = f"seed{seed}"
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
                       batch_size=cfg.batch_size, seed=seed, run=run, tag=tag,
-                      log_schedule=every(max(1, steps // 50)) | at_end,
-                      eval_schedule=at_end, checkpoint_schedule=at(ck_steps.tolist()) | at_end)
+                      recording=Recording(loss=every(max(1, steps // 50)) | at_end, eval=at_end,
+                                          checkpoint=at(ck_steps.tolist()) | at_end))
     trainer.fit(steps)
     ckpts = checkpoints_from_run(run, tag, steps=ck_steps.tolist())
     x, y = data.train_x, data.train_y
@@ -306,14 +301,7 @@ def report_tracin_mislabel(runs: list[Run], out_dir: Path) -> list[Path]:
     return paths
 
 
-@EXPERIMENTS.register("tracin.mislabel")
-class TracInMislabel(Experiment):
-    """Rank training examples by TracIn self-influence to find flipped labels (Pruthi 2020)."""
-
-    Config = TracInMislabelConfig
-
-    def run(self, config: TracInMislabelConfig, run: Run) -> None:
-        run_tracin_mislabel(config, run)
-
-    def report(self, runs: list[Run], out_dir: Path) -> list[Path]:
-        return report_tracin_mislabel(runs, out_dir)
+register_experiment(
+    "tracin.mislabel",
+    "Rank training examples by TracIn self-influence to find flipped labels (Pruthi 2020).",
+    TracInMislabelConfig, run_tracin_mislabel, report_tracin_mislabel)

@@ -49,7 +49,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import numpy as np
@@ -58,12 +57,13 @@ from torch import Tensor, nn
 
 from graddyn._robust import check_c
 from graddyn.experiments._base import EXPERIMENTS, Experiment
+from graddyn.experiments._config import check_min
 from graddyn.experiments._seeds import check_seeds, load_study_data, noisy_subset
 from graddyn.experiments._winsorize_report import draw_report, overfit_measure
 from graddyn.instruments import LearnedAt
 from graddyn.interventions.winsorize import DEFAULT_BUDGET, WinsorizedGradient
 from graddyn.models._init import check_scheme
-from graddyn.train import Run, Trainer, at_end, every
+from graddyn.train import Probes, Recording, Run, Trainer, at_end, every
 
 # The paper's length on full MNIST: 100 epochs of 600 batches of 100.
 PAPER_STEPS = 60_000
@@ -104,12 +104,8 @@ class WinsorizeConfig:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be a fraction in [0, 1] (e.g. noise=0.5), got "
                              f"{self.noise}")
-        for name in ("width", "batch_size", "eval_points", "checkpoint_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_train", "steps", "depth"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_min(self, "width batch_size eval_points checkpoint_points")
+        check_min(self, "n_train steps depth", 0)
         if 0 < self.n_train < self.batch_size:
             raise ValueError(f"n_train={self.n_train} is smaller than batch_size="
                              f"{self.batch_size}; raise n_train or lower batch_size")
@@ -131,15 +127,6 @@ class WinsorizeConfig:
         return self.n_train or (0 if self.dataset == "mnist" else SUBSET_TRAIN)
 
 
-def noisy_split(cfg: WinsorizeConfig, splits: Any, seed: int
-                ) -> tuple[SimpleNamespace, Tensor]:
-    """The training set (a seeded subset of ``cfg.train_size`` images, all if 0) with
-    ``cfg.noise`` of its labels shuffled among themselves, and the clean test set.
-    Seeds follow ``coherent-gradients.label-noise`` (subset: seed; corruption: seed + 1).
-    Returns (data with ``train_x, train_y, clean_y, test_x, test_y``, corrupt mask (N,))."""
-    return noisy_subset(splits, cfg.train_size, cfg.noise, seed)
-
-
 def build_network(cfg: WinsorizeConfig, splits: Any, seed: int) -> nn.Module:
     """The paper's MLP (``width`` x ``depth`` ReLU) or the small CNN, seeded by ``seed`` so
     every (noise, c) point of a seed starts from the same weights."""
@@ -155,23 +142,25 @@ def build_network(cfg: WinsorizeConfig, splits: Any, seed: int) -> nn.Module:
     return build_model("cnn", splits.input_shape, splits.num_classes, init=cfg.init)
 
 
-def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int) -> Trainer:
-    """Model, SGD, the winsorized rule and the evaluation / checkpoint schedules of one seed
-    (metrics and checkpoints under the tag ``seed<s>``)."""
-    data, mask = noisy_split(cfg, splits, seed)
+def make_trainer(cfg: WinsorizeConfig, splits: Any, run: Run | None, seed: int
+                 ) -> tuple[Trainer, Tensor]:
+    """Model, SGD, the winsorized gradient step and the evaluation / checkpoint schedules of
+    one seed (metrics and checkpoints under the tag ``seed<s>``), and the corrupt mask (N,)."""
+    data, mask = noisy_subset(splits, cfg.train_size, cfg.noise, seed)
     model = build_network(cfg, splits, seed).to(data.train_x.dtype)
-    rule = WinsorizedGradient(cfg.c, memory_budget_bytes=int(cfg.memory_budget_mb * 2**20))
+    step = WinsorizedGradient(cfg.c, memory_budget_bytes=int(cfg.memory_budget_mb * 2**20))
     steps = cfg.total_steps
     evals = every(max(1, math.ceil(steps / cfg.eval_points))) | at_end
     return Trainer(
         model, torch.optim.SGD(model.parameters(), lr=cfg.lr), data,
-        batch_size=cfg.batch_size, seed=seed, rule=rule, groups=mask, run=run, tag=f"seed{seed}",
-        probe_size=len(data.train_y), probe_batch_size=1000,
+        batch_size=cfg.batch_size, seed=seed, gradient=step, run=run, tag=f"seed{seed}",
         # run_long: the record of when each example was learned lives across evaluations
         # (reset at each one, every learned example would date from the current step)
-        instruments=[(LearnedAt(run_long=True), evals)], eval_schedule=evals,
-        checkpoint_schedule=every(max(1, math.ceil(steps / cfg.checkpoint_points))) | at_end,
-    )
+        probes=Probes([(LearnedAt(run_long=True, corrupt=mask), evals)],
+                      size=len(data.train_y), batch_size=1000),
+        recording=Recording(eval=evals, checkpoint=every(
+            max(1, math.ceil(steps / cfg.checkpoint_points))) | at_end),
+    ), mask
 
 
 def log_overfit(run: Run, noise: float, num_classes: int, prefix: str = "") -> None:
@@ -199,8 +188,8 @@ class Winsorize(Experiment):
         splits = load_study_data(config.dataset, config.data_root, config.preprocess)
         start = time.perf_counter()
         for seed in config.seeds:
-            trainer = make_trainer(config, splits, run, seed)
-            run.log_array(f"seed{seed}/corrupt_mask", trainer.groups)
+            trainer, mask = make_trainer(config, splits, run, seed)
+            run.log_array(f"seed{seed}/corrupt_mask", mask)
             run.set_meta(total_steps=config.total_steps, num_classes=splits.num_classes,
                          train_size=len(trainer.y))
             trainer.fit(config.total_steps)

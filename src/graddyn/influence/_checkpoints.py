@@ -34,7 +34,7 @@ def check_checkpoints(checkpoints: Sequence[Any], model: nn.Module) -> list[Chec
     if not ckpts:
         raise ValueError("no checkpoints: pass a list of (state_dict, lr) pairs, e.g. "
                          "checkpoints_from_run(run) for a run trained with a "
-                         "checkpoint_schedule")
+                         "checkpoint schedule (Recording(checkpoint=...))")
     want = set(model.state_dict())
     out: list[Checkpoint] = []
     for i, item in enumerate(ckpts):
@@ -62,14 +62,14 @@ def checkpoints_from_run(run: Run, tag: str = "", steps: Sequence[int] | None = 
     """``[(model state_dict, lr), ...]`` of the checkpoints ``run`` saved under ``tag``.
 
     ``steps``: only these steps (default: every checkpoint, by step). Checkpoints are those of
-    ``Trainer(checkpoint_schedule=...)``; each must hold ``model`` and ``lr``.
+    ``Trainer(recording=Recording(checkpoint=...))``; each must hold ``model`` and ``lr``.
     Cost: loads every selected file (``torch.load(weights_only=True)``).
     """
     found = dict(run.checkpoints(tag))
     if not found:
         where = f"tag {tag!r} of " if tag else ""
         raise ValueError(f"{where}run {run.name!r} has no checkpoints; train it with "
-                         "Trainer(..., checkpoint_schedule=every(n) | at_end)")
+                         "Trainer(..., recording=Recording(checkpoint=every(n) | at_end))")
     if steps is None:
         steps = sorted(found)
     unknown = [s for s in steps if s not in found]

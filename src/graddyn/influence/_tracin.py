@@ -21,22 +21,16 @@ backward) passes over the training set and the test set, plus the products.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from graddyn._losses import LossFn, per_example_cross_entropy
 from graddyn.influence._checkpoints import check_checkpoints
 from graddyn.pergrad import BatchGrads, capture
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-
-
-def per_example_cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    """(B, K) logits, (B,) labels -> (B,) cross-entropy losses."""
-    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
 
 
 class TopK(NamedTuple):

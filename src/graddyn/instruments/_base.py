@@ -46,7 +46,6 @@ class Probe:
     losses:  (B,) per-example losses, detached.
     outputs: (B, K) model outputs (logits), detached.
     targets: (B,) integer labels.
-    groups:  (B,) bool mask, True for the "corrupt" group (label-noise experiments).
     indices: (B,) positions of the examples in the training set.
     step:    the optimizer step at which the probe was taken.
     model:   the model, for instruments that need it (curvature, spectrum).
@@ -56,7 +55,6 @@ class Probe:
     losses: torch.Tensor | None = None
     outputs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
-    groups: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     step: int = 0
     model: torch.nn.Module | None = None

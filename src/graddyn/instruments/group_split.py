@@ -77,7 +77,8 @@ def _later(mine: dict[str, float] | None, other: dict[str, float] | None
 
 
 class GroupSplit(Instrument, name="group_split"):
-    """Loss-reduction split between pristine and corrupt examples; needs ``Probe.groups``.
+    """Loss-reduction split between pristine and corrupt examples. ``corrupt``: (N,) bool
+    mask over the training set, read at ``Probe.indices`` (the probe's rows).
 
     Keys: f_p, f_c, mean_p, mean_c (pooled since reset), last_f_p, last_f_c, last_mean_p,
     last_mean_c, and null{w}/f_p, null{w}/f_c, null{w}/mean_p, null{w}/mean_c for each world.
@@ -87,10 +88,11 @@ class GroupSplit(Instrument, name="group_split"):
     checkpoints it through ``state_dict``; the default pools only within one probe.
     """
 
-    def __init__(self, null_worlds: int = 3, seed: int = 0, cumulative: bool = False) -> None:
+    def __init__(self, corrupt: torch.Tensor, null_worlds: int = 3, seed: int = 0,
+                 cumulative: bool = False) -> None:
         if null_worlds < 0:
             raise ValueError(f"null_worlds must be >= 0, got {null_worlds}")
-        self.null_worlds, self.seed = null_worlds, seed
+        self.corrupt, self.null_worlds, self.seed = corrupt.bool(), null_worlds, seed
         self.accumulates = cumulative
         # (1 + null_worlds, 4) float64: per world [real, null 0, ...] the sums of _FIELDS
         self.add_state("_pooled", torch.zeros(1 + null_worlds, len(_FIELDS),
@@ -99,9 +101,10 @@ class GroupSplit(Instrument, name="group_split"):
 
     def update(self, probe: Probe) -> None:
         gram = require_grads(probe, "GroupSplit").gram().detach()
-        if probe.groups is None:
-            raise ValueError("GroupSplit needs the group mask: pass Probe(groups=corrupt_mask)")
-        mask = probe.groups.bool().to(gram.device)
+        if probe.indices is None:
+            raise ValueError("GroupSplit reads its group mask at the probe's rows: pass "
+                             "Probe(indices=...)")
+        mask = self.corrupt[probe.indices.to(self.corrupt.device)].to(gram.device)  # (B,)
         masks = [mask] + null_masks(mask, self.null_worlds, self.seed, probe.step)
         for w, m in enumerate(masks):
             s = split_sums(gram, m)

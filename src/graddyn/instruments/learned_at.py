@@ -8,8 +8,9 @@ For example n observed at steps t_1 < ... < t_T with correctness c_n(t):
 
 "Stays so" is judged on the observations so far: the instrument keeps, per training index,
 the start of the current run of correct classifications. Needs ``Probe.outputs`` (B, K),
-``targets`` and ``indices`` (positions in the training set); ``groups`` (True = corrupt)
-splits the fractions. No gradients. Memory: two ints and a bool per training example seen.
+``targets`` and ``indices`` (positions in the training set); a ``corrupt`` (N,) mask over
+the training set splits the fractions. No gradients. Memory: two ints and a bool per
+training example seen.
 
 >>> learned_at_steps(torch.tensor([[0, 1, 1], [1, 0, 1]]).bool(), torch.tensor([0, 5, 9]))
 tensor([5, 9])
@@ -49,8 +50,9 @@ class LearnedAt(Instrument, name="learned_at"):
 
     needs_grads = False
 
-    def __init__(self, run_long: bool = False) -> None:
+    def __init__(self, run_long: bool = False, corrupt: torch.Tensor | None = None) -> None:
         self.accumulates = run_long
+        self.corrupt = None if corrupt is None else corrupt.bool().cpu()  # (N,)
         # per training index: start of the current run of correct answers; -1: wrong now,
         # -2: never seen. Indices are not shards' disjoint ranges: no reduction.
         self.add_state("_start", torch.empty(0, dtype=torch.long))
@@ -71,8 +73,8 @@ class LearnedAt(Instrument, name="learned_at"):
         prev = self._start[idx]
         started = torch.where(prev >= 0, prev, torch.full_like(prev, probe.step))
         self._start[idx] = torch.where(correct, started, torch.full_like(prev, -1))
-        if probe.groups is not None:
-            self._corrupt[idx] = probe.groups.bool().cpu()
+        if self.corrupt is not None:
+            self._corrupt[idx] = self.corrupt[idx]
 
     def learned_at(self) -> dict[int, int]:
         """training index -> learned-at step (-1 when currently misclassified)."""

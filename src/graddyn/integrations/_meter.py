@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from graddyn.instruments._base import Instrument, Probe
-from graddyn.train._probes import ProbeRunner, compute_due, pergrad_engine, reset_due
+from graddyn.train._probes import ProbeRunner, capture_backward, compute_due, reset_due
 from graddyn.train._schedules import Schedule
 
 
@@ -39,7 +39,7 @@ class StepMeter:
                              "e.g. instruments=[(Confusion(), every(10))]")
         # validates the pairs and answers which are due (it never runs its engine here)
         self._runner = ProbeRunner(instruments, torch.empty(0, dtype=torch.long), None,
-                                   pergrad_engine)
+                                   capture_backward)
         self.prefix = prefix
         self.history: list[tuple[int, str, float]] = []
         self.arrays: dict[str, tuple[int, Any]] = {}
@@ -80,7 +80,7 @@ class StepMeter:
         """The measured micro-batch's backward: ``p.grad += scale * sum_n grad losses[n]``
         (added, like ``backward()``) and every due instrument updated with the per-example
         gradients of the unscaled ``losses`` (B,). ``probe``: more ``Probe`` fields
-        (``outputs``, ``targets``, ``groups``, ``indices``, ``model``)."""
+        (``outputs``, ``targets``, ``indices``, ``model``)."""
         self.armed = False
         grads = self._cap.backward(losses)
         batch = Probe(grads=grads, losses=losses.detach(), step=self._step - 1, **probe)

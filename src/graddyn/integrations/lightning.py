@@ -20,7 +20,7 @@ and ``p.grad`` from the same factors, as ``graddyn.train.Trainer`` does for its
 ``batch_instruments``: no second pass. Other steps run Lightning's own backward untouched.
 The values equal graddyn's own loop on the same batches and weights. Optional keys of the
 ``training_step`` output fill more of the ``Probe``: ``outputs`` (B, K) logits, ``targets``
-(B,), ``groups`` (B,) bool, ``indices`` (B,) positions in the training set.
+(B,), ``indices`` (B,) positions in the training set.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ except ImportError:  # the older package name
             "graddyn.integrations.lightning needs PyTorch Lightning: pip install "
             "'graddyn[lightning]' (or pip install lightning)") from None
 
-PROBE_KEYS = ("outputs", "targets", "groups", "indices")
+PROBE_KEYS = ("outputs", "targets", "indices")
 
 
 class GraddynCallback(Callback):

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from graddyn.models._utils import evaluate  # re-exported: its callers import it from here
 
 State = Mapping[str, Tensor] | Tensor
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -211,10 +212,6 @@ def scaled_plus_noise(
     return out
 
 
-def _batches(x: Tensor, batch_size: int) -> Iterable[Tensor]:
-    return x.split(batch_size)
-
-
 @torch.no_grad()
 def recompute_bn_stats(model: nn.Module, x: Tensor, batch_size: int = 256) -> int:
     """Recompute batch-norm running statistics after a weight-space edit; returns #BN layers.
@@ -235,27 +232,13 @@ def recompute_bn_stats(model: nn.Module, x: Tensor, batch_size: int = 256) -> in
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    for xb in _batches(x, batch_size):
+    for xb in x.split(batch_size):
         model(xb)
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     for m, was_training in modes.items():
         m.training = was_training
     return len(bns)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (a fraction in [0, 1]) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    loss, correct = 0.0, 0
-    for xb, yb in zip(_batches(x, batch_size), _batches(y, batch_size)):
-        out = model(xb)
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    model.train(was_training)
-    return loss / len(y), correct / len(y)
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ A coordinate thus only moves in a direction that many examples agree on. c = 0 i
 Two entry points:
 - ``winsorized_gradients(per_example, c)``: the pure function on materialised per-example
   gradients (dict name -> (B, *shape)), column-chunked under a memory budget.
-- ``WinsorizedGradient(c)``: the gradient rule for a training loop. ``compute(model, x, y,
+- ``WinsorizedGradient(c)``: the gradient step for a training loop. ``compute(model, x, y,
   loss_fn)`` runs forward, gets per-example gradients from the engine (``graddyn.capture``;
   ``torch.func`` if the engine cannot be imported, or with ``grads_from="func"``), writes the
   winsorized mean into ``p.grad`` and returns the detached per-example losses (B,). Calling
-  the object as ``rule(model, loss_fn, batch)`` is the ``graddyn.train`` GradientRule
+  the object as ``step(model, loss_fn, batch)`` is the ``graddyn.train`` GradientStep
   protocol.
 
 Cost: one forward/backward, the plain per-coordinate sum, and the c + 1 largest and smallest
@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graddyn._losses import LossFn, check_losses, per_example_cross_entropy  # noqa: F401 (example)
 from graddyn._robust import check_c, winsorized_mean_chunked
-from graddyn.train._rules import LossFn, check_losses
 
 DEFAULT_BUDGET = 1 << 23  # 8 MiB: 4 MiB blocks + the kernel's workspace (cache-sized, fast)
 GRADS_FROM = ("auto", "capture", "func")
@@ -80,7 +80,7 @@ def _func_per_example(
 
 
 class WinsorizedGradient:
-    """Gradient rule: ``p.grad`` (accumulated, like autograd) = winsorized mean of the
+    """Gradient step: ``p.grad`` (accumulated, like autograd) = winsorized mean of the
     per-example gradients, per coordinate. See the module docstring."""
 
     def __init__(
@@ -111,7 +111,7 @@ class WinsorizedGradient:
         return losses
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
-        """``graddyn.train`` GradientRule protocol: batch has ``.x`` and ``.y``."""
+        """``graddyn.train`` GradientStep protocol: batch has ``.x`` and ``.y``."""
         return self.compute(model, batch.x, batch.y, loss_fn)
 
     def _winsorized(

@@ -24,7 +24,7 @@ from graddyn.models._init import INIT_SCHEMES, init_weights
 from graddyn.models._mlp import ACTIVATIONS, MLP
 from graddyn.models._resnet import ResidualBlock, ResNet
 from graddyn.models._transformer import SelfAttention, TransformerClassifier
-from graddyn.models._utils import count_parameters, last_linear
+from graddyn.models._utils import count_parameters, evaluate, last_linear
 
 __all__ = [
     "ACTIVATIONS",
@@ -38,6 +38,7 @@ __all__ = [
     "TransformerClassifier",
     "build_model",
     "count_parameters",
+    "evaluate",
     "init_weights",
     "last_linear",
     "model_options",

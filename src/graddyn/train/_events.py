@@ -27,7 +27,7 @@ class Event(str, Enum):
             EPOCH_START     # a new permutation of the training set was just drawn
             for each (x, y, indices) of the epoch:        # (B, *input_shape), (B,), (B,)
                 BATCH_START     # state.batch is set; state.losses is still the previous one
-                zero_grad; state.losses = rule(model, loss_fn, batch)   # fills p.grad
+                zero_grad; state.losses = gradient(model, loss_fn, batch)   # fills p.grad
                 AFTER_BACKWARD  # p.grad holds the batch gradient: gradient transforms act here
                 optimizer.step(); lr_scheduler.step(); state.step += 1
                 AFTER_STEP      # weights updated, e.g. stochastic optimum shifting every k steps
@@ -55,7 +55,7 @@ class Event(str, Enum):
 @dataclass
 class Batch:
     """One minibatch: inputs ``x`` (B, *input_shape), targets ``y`` (B,), positions ``indices``
-    (B,) in the training set (so instruments and rules can look up groups or per-example data)."""
+    (B,) in the training set (so instruments and gradient steps can look up per-example data)."""
 
     x: Tensor
     y: Tensor

@@ -13,16 +13,21 @@ Use it in your own loop::
     confusion.update(Probe(grads=grads, losses=losses, outputs=outputs, targets=y))
     optimizer.step()
 
-The ``Trainer`` does this for its ``batch_instruments`` on the steps they are due.
+The ``Trainer`` does this for its ``batch_instruments`` on the steps they are due: its
+gradient step there is ``MeasuredMean``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
-from graddyn.train._rules import LossFn, check_losses
+from graddyn._losses import LossFn, check_losses
+from graddyn.instruments._base import Probe
+from graddyn.train._probes import measure
 
 if TYPE_CHECKING:
     from graddyn.pergrad import Capture
@@ -60,3 +65,32 @@ def _measured(cap: Capture, model: nn.Module, loss_fn: LossFn, x: Any, y: Tensor
     if write:
         grads.write_grad(scale=1.0 / grads.batch_shape[0], overwrite=overwrite)  # global B
     return losses.detach(), grads, outputs.detach()
+
+
+class MeasuredMean:
+    """``MeanLoss`` on a batch where batch instruments are due: ``measured_backward``
+    through the trainer's open ``cap``, the ``due`` instruments measure its per-example
+    gradients (``results`` until the step is recorded), then ``p.grad = sum_n g_n / B`` is
+    written over last step's buffers (``keeps_grad_buffers``: one fused ``addmm``, no fresh
+    pages). ``gather``: every rank's rows under DDP (the global batch), else identity.
+    Returns this rank's losses (B,)."""
+
+    keeps_grad_buffers = True
+
+    def __init__(self, due: list[Any], cap: Capture | None, step: int,
+                 gather: Callable[[Tensor], Tensor]) -> None:
+        self.due, self.cap, self.step, self.gather = due, cap, step, gather
+        self.results: tuple[dict[str, float], dict[str, Any]] | None = None
+
+    def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
+        losses, grads, outputs = measured_backward(model, loss_fn, batch.x, batch.y,
+                                                   write=False, cap=self.cap)
+        everyone, outputs, targets, rows = (self.gather(t) for t in (
+            losses, outputs, batch.y, batch.indices))
+        if bool(torch.isfinite(everyone).all()):  # else the trainer stops with the step
+            # measured before p.grad is written: the Gram's factors are still in cache
+            self.results = measure(self.due, [Probe(
+                grads=grads, losses=everyone, outputs=outputs, targets=targets, indices=rows,
+                step=self.step, model=model)])
+        grads.write_grad(scale=1.0 / len(rows), overwrite=True)
+        return losses

@@ -1,4 +1,4 @@
-"""Running instruments on a probe set: the per-example engine runs once per probe batch and
+"""Running instruments on a probe set: the per-example backward runs once per probe batch and
 its result is shared by every instrument that is due and ``needs_grads``.
 
 No instrument is special here: the runner only uses the ``Instrument`` contract
@@ -11,21 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from graddyn._losses import LossFn, check_losses
 from graddyn.instruments._base import Instrument, Probe
-from graddyn.train._rules import LossFn, check_losses
 from graddyn.train._schedules import fires
 
 # (model, loss_fn, x (B, ...), y (B,)) -> (BatchGrads-like, losses (B,), outputs (B, ...))
-Engine = Callable[[nn.Module, LossFn, Tensor, Tensor], tuple[Any, Tensor, Tensor]]
+ProbeBackward = Callable[[nn.Module, LossFn, Tensor, Tensor], tuple[Any, Tensor, Tensor]]
 
 
-def pergrad_engine(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> tuple:
-    """The default engine: one ``graddyn.capture`` backward pass, ``p.grad`` untouched."""
+def capture_backward(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> tuple:
+    """The default ``ProbeBackward``: one ``graddyn.capture`` backward pass, ``p.grad``
+    untouched."""
     from graddyn.pergrad import capture
 
     with capture(model) as cap:
@@ -47,16 +49,31 @@ def _as_metric(value: Any) -> float | None:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Probes:
+    """What a ``Trainer`` measures. ``instruments``: ``(instrument, schedule)`` pairs on the
+    probe set, ``size`` fixed training examples (all if fewer), ``batch_size`` per
+    ``backward`` (per-example gradients; default ``graddyn.capture``). ``batch_instruments``:
+    pairs on each *training* batch from the step's own backward (``MeasuredMean``: no second
+    pass), at the weights before the update, logged at the step after it."""
+
+    instruments: Sequence[tuple[Instrument, Callable[[int], bool]]] = ()
+    batch_instruments: Sequence[tuple[Instrument, Callable[[int], bool]]] = ()
+    size: int = 256
+    batch_size: int | None = None
+    backward: ProbeBackward = capture_backward
+
+
 class ProbeRunner:
     """Evaluates due instruments on fixed training examples ``indices`` (P,), split into
-    chunks of ``batch_size`` (one ``Probe`` = one engine pass each)."""
+    chunks of ``batch_size`` (one ``Probe`` = one backward pass each)."""
 
     def __init__(
         self,
         instruments: Sequence[tuple[Instrument, Callable[[int], bool]]],
         indices: Tensor,
         batch_size: int | None,
-        engine: Engine,
+        backward: ProbeBackward,
     ) -> None:
         for item in instruments:
             if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
@@ -66,14 +83,14 @@ class ProbeRunner:
                 )
         self.instruments = list(instruments)
         self.chunks = list(torch.split(indices, batch_size or max(len(indices), 1)))
-        self.engine = engine
+        self.backward = backward
 
     def due(self, step: int, last: bool) -> list[Instrument]:
         return [inst for inst, sched in self.instruments if fires(sched, step, last)]
 
     def run(
         self, step: int, last: bool, model: nn.Module, loss_fn: LossFn,
-        x: Tensor, y: Tensor, groups: Tensor | None,
+        x: Tensor, y: Tensor,
     ) -> tuple[dict[str, float], dict[str, Any]]:
         """Probe at ``step``: returns (scalar metrics, array-valued results) keyed
         ``"<instrument.name>/<key>"``."""
@@ -82,24 +99,24 @@ class ProbeRunner:
             return {}, {}
         need_grads = any(inst.needs_grads for inst in due)
         with preserved_buffers(model):
-            probes = (self._probe(step, model, loss_fn, x[idx], y[idx], idx, groups, need_grads)
+            probes = (self._probe(step, model, loss_fn, x[idx], y[idx], idx, need_grads)
                       for idx in self.chunks)
             return measure(due, probes)
 
     def _probe(
         self, step: int, model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor,
-        idx: Tensor, groups: Tensor | None, need_grads: bool,
+        idx: Tensor, need_grads: bool,
     ) -> Probe:
         grads = None
         if need_grads:
-            grads, losses, outputs = self.engine(model, loss_fn, x, y)
+            grads, losses, outputs = self.backward(model, loss_fn, x, y)
         else:
             with torch.no_grad():
                 outputs = model(x)
                 losses = loss_fn(outputs, y)
         return Probe(
             grads=grads, losses=losses.detach(), outputs=outputs.detach(), targets=y,
-            groups=None if groups is None else groups[idx], indices=idx, step=step, model=model,
+            indices=idx, step=step, model=model,
         )
 
     def state_dicts(self) -> list[Any]:
@@ -159,7 +176,8 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 
 def state_dict_of(obj: Any) -> Any:
-    """``obj.state_dict()`` if it has one (rules, interventions, instruments), else None."""
+    """``obj.state_dict()`` if it has one (gradient steps, interventions, instruments), else
+    None."""
     fn = getattr(obj, "state_dict", None)
     return fn() if callable(fn) else None
 

@@ -6,9 +6,9 @@ Typical use inside an experiment's ``run(config, run)``::
     model = build_model("mlp", splits.input_shape, splits.num_classes)
     trainer = Trainer(
         model, torch.optim.SGD(model.parameters(), lr=0.1), splits, batch_size=100,
-        seed=cfg.seed, run=run, groups=corrupt_mask,
-        instruments=[(Coherence(), every(10)), (Stiffness(), logspaced(20, cfg.steps))],
-        eval_schedule=every(100) | at_end, checkpoint_schedule=every(500) | at_end,
+        seed=cfg.seed, run=run,
+        probes=Probes([(Coherence(), every(10)), (Stiffness(), logspaced(20, cfg.steps))]),
+        recording=Recording(eval=every(100) | at_end, checkpoint=every(500) | at_end),
     )
     trainer.fit(cfg.steps)        # resumes from the run's latest checkpoint if there is one
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,21 +27,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from graddyn.instruments._base import Instrument, Probe
+from graddyn._losses import LossFn, per_example_cross_entropy
+from graddyn.models._utils import evaluate
 from graddyn.pergrad import Capture, capture
 from graddyn.pergrad._distributed import gather_rows, unwrap
 from graddyn.train._events import Batch, Event, Intervention, State
-from graddyn.train._measured import measured_backward
-from graddyn.train._probes import (
-    Engine,
-    ProbeRunner,
-    load_state_dict_into,
-    measure,
-    pergrad_engine,
-    state_dict_of,
-)
+from graddyn.train._gradient import GradientStep, MeanLoss
+from graddyn.train._measured import MeasuredMean
+from graddyn.train._probes import ProbeRunner, Probes, load_state_dict_into, state_dict_of
 from graddyn.train._rng import get_rng_state, set_rng_state
-from graddyn.train._rules import GradientRule, LossFn, MeanLoss, per_example_cross_entropy
+from graddyn.train._sampler import EpochSampler
 from graddyn.train._schedules import at_end, every, fires
 from graddyn.train._store import Run
 
@@ -63,6 +59,21 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step."""
 
 
+@dataclass(frozen=True)
+class Recording:
+    """When a ``Trainer`` records (None: never) ``loss``, the batch loss; ``eval``, loss and
+    accuracy on the training and test sets (``evaluate``, ``eval_batch_size`` at a time);
+    ``checkpoint``, the run's checkpoints."""
+
+    loss: Schedule | None = _EVERY_STEP
+    eval: Schedule | None = None
+    eval_batch_size: int = 1000
+    checkpoint: Schedule | None = at_end
+
+
+_NO_PROBES, _DEFAULT_RECORDING = Probes(), Recording()
+
+
 class Trainer:
     """Train ``model`` on ``data`` (anything with ``train_x (N, ...)``, ``train_y (N,)`` and
     optionally ``test_x``, ``test_y``, e.g. ``graddyn.data.DataSplits``) with minibatches drawn
@@ -71,21 +82,16 @@ class Trainer:
 
     seed:        seeds the data order and the probe subset (seed the model yourself, with
                  ``seed_all``, before building it).
-    rule:        fills ``p.grad`` for a batch (default ``MeanLoss``); see ``GradientRule``.
-    instruments: ``(instrument, schedule)`` pairs, measured on the probe set of ``probe_size``
-                 fixed training examples (all if fewer), ``probe_batch_size`` per engine pass.
-    batch_instruments: ``(instrument, schedule)`` pairs measured on each *training* minibatch
-                 from the step's own backward (``measured_backward``: no second pass, the
-                 cheap way to measure every step), at the weights before the update and logged
-                 at the step after it (as ``train/batch_loss``). Needs the default rule.
-    engine:      per-example gradients for probes; default ``graddyn.capture``.
+    gradient:    fills ``p.grad`` for a batch (default ``MeanLoss``); see ``GradientStep``.
+    probes:      the instruments and the examples they measure (``Probes``).
+    recording:   when the batch loss, the evaluation and checkpoints are recorded.
     tag:         prefix of metric names and subfolder of checkpoints, so several trainers can
                  share one run (e.g. one per noise level).
 
     Data parallel: pass the model wrapped in ``DistributedDataParallel`` (every rank runs the
     same Trainer under ``torchrun``). ``batch_size`` is then the global batch: every rank draws
     the same one and trains on its contiguous share (rank order), so the run follows
-    single-process training on the global batch. ``batch_instruments`` see the global batch
+    single-process training on the global batch. Batch instruments see the global batch
     (``capture(process_group=...)`` gathers each layer's factors; ``p.grad`` is their global
     mean, the same on every rank, so DDP's all-reduce is not needed on those steps and never
     fires: the engine computes ``p.grad`` without ``.backward()``); other steps are plain DDP
@@ -101,21 +107,13 @@ class Trainer:
         batch_size: int | None = 100,
         seed: int = 0,
         loss_fn: LossFn = per_example_cross_entropy,
-        rule: GradientRule | None = None,
+        gradient: GradientStep | None = None,
         interventions: Sequence[Intervention] = (),
-        instruments: Sequence[tuple[Instrument, Schedule]] = (),
-        batch_instruments: Sequence[tuple[Instrument, Schedule]] = (),
-        probe_size: int = 256,
-        probe_batch_size: int | None = None,
-        engine: Engine = pergrad_engine,
-        groups: Tensor | None = None,
+        probes: Probes = _NO_PROBES,
+        recording: Recording = _DEFAULT_RECORDING,
+        lr_scheduler: Any = None,
         run: Run | None = None,
         tag: str = "",
-        log_schedule: Schedule | None = _EVERY_STEP,
-        eval_schedule: Schedule | None = None,
-        eval_batch_size: int = 1000,
-        checkpoint_schedule: Schedule | None = at_end,
-        lr_scheduler: Any = None,
         progress: bool | None = None,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
@@ -126,45 +124,37 @@ class Trainer:
             raise ValueError(
                 f"batch_size={batch_size} must be between 1 and the training set size {n}"
             )
-        if groups is not None and groups.shape != (n,):
-            raise ValueError(f"groups must have shape ({n},), got {tuple(groups.shape)}")
         self._group = model.process_group if isinstance(model, DDP) else None
         world = 1 if self._group is None else dist.get_world_size(self._group)
         if self._group is not None and (self.batch_size % world or not isinstance(
-                rule or MeanLoss(), MeanLoss)):
+                gradient or MeanLoss(), MeanLoss)):
             raise ValueError(
                 f"under DistributedDataParallel batch_size is the global batch, split among "
                 f"the {world} ranks, and the gradient is DDP's mean: batch_size={batch_size} "
-                f"must be a multiple of {world}, and rule must be the default MeanLoss")
-        if batch_instruments and rule is not None and not isinstance(rule, MeanLoss):
+                f"must be a multiple of {world}, and gradient must be the default MeanLoss")
+        if probes.batch_instruments and gradient is not None and not isinstance(
+                gradient, MeanLoss):
             raise ValueError(
                 "batch_instruments reuse the plain mean-gradient backward, so they cannot be "
-                f"combined with rule={type(rule).__name__}; measure them on the probe set "
-                "(instruments=...) instead")
-        self.loss_fn, self.rule = loss_fn, rule or MeanLoss()
+                f"combined with gradient={type(gradient).__name__}; measure them on the probe "
+                "set (Probes(instruments=...)) instead")
+        self.loss_fn, self.gradient = loss_fn, gradient or MeanLoss()
         self.interventions = list(interventions)
-        self.groups, self.run, self.lr_scheduler = groups, run, lr_scheduler
-        self.prefix = f"{tag}/" if tag else ""
-        self.tag = tag
-        self.log_schedule, self.eval_schedule = log_schedule, eval_schedule
-        self.eval_batch_size = eval_batch_size
-        self.checkpoint_schedule = checkpoint_schedule
-        self.progress = progress
+        self.run, self.lr_scheduler, self.recording = run, lr_scheduler, recording
+        self.tag, self.prefix, self.progress = tag, f"{tag}/" if tag else "", progress
         probe_gen = torch.Generator().manual_seed(seed + 7919)  # independent of data order
-        probe_idx = torch.randperm(n, generator=probe_gen)[: min(probe_size, n)].sort().values
-        self.probes = ProbeRunner(instruments, probe_idx, probe_batch_size, engine)
-        self.batch_probes = ProbeRunner(batch_instruments, probe_idx[:0], None, engine)
+        probe_idx = torch.randperm(n, generator=probe_gen)[: min(probes.size, n)].sort().values
+        self.probes = ProbeRunner(probes.instruments, probe_idx, probes.batch_size,
+                                  probes.backward)
+        self.batch_probes = ProbeRunner(probes.batch_instruments, probe_idx[:0], None,
+                                        probes.backward)
         clash = ({i.name for i, _ in self.probes.instruments}
                  & {i.name for i, _ in self.batch_probes.instruments})
         if clash:
             raise ValueError(f"instruments {sorted(clash)} are both probe and batch "
                              "instruments; their metrics would share names: keep one")
-        # (scalars, arrays) of the batch instruments, between the step and its record
-        self._batch_results: tuple[dict[str, float], dict[str, Any]] | None = None
-        self._gen = torch.Generator().manual_seed(seed)
-        self._epoch_gen_state = self._gen.get_state()  # state before this epoch's permutation
-        self._perm: Tensor | None = None
-        self._pos = 0  # batches of the current epoch already taken
+        self.sampler = EpochSampler(n, self.batch_size, seed)
+        self._measured: MeasuredMean | None = None  # this step's, until it is recorded
         self.state: State | None = None
         self._cap: Capture | None = None  # open during fit() when batch instruments exist
         # (step, name, value) records when there is no run to log to
@@ -211,37 +201,21 @@ class Trainer:
                 self._cap = None
 
     def _train_step(self, st: State) -> None:
-        n_batches = len(self.y) // self.batch_size
-        if self._pos == 0:
-            self._epoch_gen_state = self._gen.get_state()
-            self._perm = torch.randperm(len(self.y), generator=self._gen)
+        idx, starts = self.sampler.next()
+        if starts:
             self._fire(Event.EPOCH_START, st)
-        assert self._perm is not None
-        idx = self._perm[self._pos * self.batch_size : (self._pos + 1) * self.batch_size]
-        self._pos += 1
         mine = idx if self._group is None else idx.tensor_split(
             dist.get_world_size(self._group))[dist.get_rank(self._group)]  # this rank's share
         st.batch = Batch(self.x[mine], self.y[mine], mine)
         self._fire(Event.BATCH_START, st)
+        gradient: GradientStep = self.gradient
         due = self.batch_probes.due(st.step + 1, st.step + 1 == st.max_steps)
         if due:  # measured on this batch, at these weights: the step's own backward
-            losses, grads, outputs = measured_backward(self.model, self.loss_fn, st.batch.x,
-                                                       st.batch.y, write=False, cap=self._cap)
-            losses, outputs, targets, rows = (self._gather(t) for t in (  # the global batch
-                losses, outputs, st.batch.y, st.batch.indices))
-            self._check_finite(st, losses)
-            # measured before p.grad is written: the Gram's factors are still in cache
-            # (~0.2 ms a step on the paper's MLP); the values do not depend on the order
-            self._batch_results = measure(due, [Probe(
-                grads=grads, losses=losses, outputs=outputs, targets=targets, indices=rows,
-                groups=None if self.groups is None else self.groups[rows], step=st.step,
-                model=self.model)])
-            # over last step's p.grad buffers in place (no fresh pages to fault in)
-            grads.write_grad(scale=1.0 / len(rows), overwrite=True)
-        else:
+            gradient = self._measured = MeasuredMean(due, self._cap, st.step, self._gather)
+        if not getattr(gradient, "keeps_grad_buffers", False):  # else it writes over them
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self._gather(self.rule(self.model, self.loss_fn, st.batch))  # (B,)
-            self._check_finite(st, losses)
+        losses = self._gather(gradient(self.model, self.loss_fn, st.batch))  # (B,) global
+        self._check_finite(st, losses)
         st.losses = losses
         self._fire(Event.AFTER_BACKWARD, st)
         self.optimizer.step()
@@ -249,8 +223,6 @@ class Trainer:
             self.lr_scheduler.step()
         st.step += 1
         self._fire(Event.AFTER_STEP, st)
-        if self._pos == n_batches:
-            self._pos = -1  # marks "epoch ends after this step's measurements"
 
     def _gather(self, t: Tensor) -> Tensor:
         """Under DDP every rank's rows of ``t``, in rank order: the global batch's."""
@@ -267,30 +239,29 @@ class Trainer:
 
     def _record(self, st: State, last: bool) -> None:
         """Measurements at ``st.step``, BATCH_END / EPOCH_END, then the checkpoint."""
+        rec = self.recording
         metrics: dict[str, float] = {}
-        if st.losses is not None and fires(self.log_schedule, st.step, last):
+        if st.losses is not None and fires(rec.loss, st.step, last):
             metrics["train/batch_loss"] = float(st.losses.mean())
-        if fires(self.eval_schedule, st.step, last):
+        if fires(rec.eval, st.step, last):
             metrics.update(self.evaluate())
-        scalars, arrays = self.probes.run(
-            st.step, last, self.model, self.loss_fn, self.x, self.y, self.groups
-        )
+        scalars, arrays = self.probes.run(st.step, last, self.model, self.loss_fn, self.x,
+                                          self.y)
         metrics.update(scalars)
-        if self._batch_results is not None:
-            batch_scalars, batch_arrays = self._batch_results
-            self._batch_results = None
+        if self._measured is not None and self._measured.results is not None:
+            batch_scalars, batch_arrays = self._measured.results
             metrics.update(batch_scalars)
             arrays = {**arrays, **batch_arrays}
+        self._measured = None
         self._log(st.step, metrics, arrays)
         if st.batch is not None:
             self._fire(Event.BATCH_END, st)
-        if self._pos == -1:
+        if self.sampler.epoch_done:
             self._fire(Event.EPOCH_END, st)
             st.epoch += 1
-            self._pos = 0
-            self._epoch_gen_state = self._gen.get_state()
+            self.sampler.end_epoch()
         if (self.run is not None and not self.run.readonly
-                and fires(self.checkpoint_schedule, st.step, last)):
+                and fires(rec.checkpoint, st.step, last)):
             self.run.save_checkpoint(st.step, self.checkpoint_state(st), tag=self.tag)
 
     def _log(self, step: int, metrics: dict[str, float], arrays: dict[str, Any]) -> None:
@@ -308,35 +279,19 @@ class Trainer:
                 iv.apply(event, st)
 
     # ---- evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss (and accuracy, for class logits) on the training and test sets, in eval
         mode, ``eval_batch_size`` examples at a time. Keys ``train/loss``, ``train/acc``, ..."""
         out: dict[str, float] = {}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for split in ("train", "test"):
-                x = getattr(self.data, f"{split}_x", None)
-                y = getattr(self.data, f"{split}_y", None)
-                if x is not None and y is not None and len(y) > 0:
-                    out.update(self._eval_split(split, x, y))
-        finally:
-            self.model.train(was_training)
+        for split in ("train", "test"):
+            x, y = (getattr(self.data, f"{split}_{k}", None) for k in "xy")
+            if x is not None and y is not None and len(y) > 0:
+                out[f"{split}/loss"], acc = evaluate(self.model, x, y,
+                                                     self.recording.eval_batch_size,
+                                                     lambda o, t: self.loss_fn(o, t).sum())
+                if acc is not None:
+                    out[f"{split}/acc"] = acc
         return out
-
-    def _eval_split(self, split: str, x: Tensor, y: Tensor) -> dict[str, float]:
-        loss_sum, correct, is_cls = 0.0, 0, True
-        for xb, yb in zip(x.split(self.eval_batch_size), y.split(self.eval_batch_size)):
-            out = self.model(xb)
-            loss_sum += float(self.loss_fn(out, yb).sum())
-            is_cls = is_cls and out.dim() == 2 and not yb.is_floating_point()
-            if is_cls:
-                correct += int((out.argmax(dim=1) == yb).sum())
-        res = {f"{split}/loss": loss_sum / len(y)}
-        if is_cls:
-            res[f"{split}/acc"] = correct / len(y)
-        return res
 
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint_state(self, st: State) -> dict[str, Any]:
@@ -344,12 +299,12 @@ class Trainer:
         ``lr`` / ``lrs``: the learning rate(s) in effect for the next step (TracIn's eta_t)."""
         groups = self.optimizer.param_groups
         return {
-            "step": st.step, "epoch": st.epoch, "pos": self._pos,
+            "step": st.step, "epoch": st.epoch, **self.sampler.state_dict(),
             "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
             "lr": float(groups[0]["lr"]), "lrs": [float(g["lr"]) for g in groups],
-            "rng": get_rng_state(), "data_rng": self._epoch_gen_state,
+            "rng": get_rng_state(),
             "lr_scheduler": state_dict_of(self.lr_scheduler),
-            "rule": state_dict_of(self.rule),
+            "rule": state_dict_of(self.gradient),  # the key of older checkpoints
             "interventions": [state_dict_of(iv) for iv in self.interventions],
             "instruments": self.probes.state_dicts(),
             "batch_instruments": self.batch_probes.state_dicts(),
@@ -360,17 +315,14 @@ class Trainer:
         unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         load_state_dict_into(self.lr_scheduler, ck["lr_scheduler"])
-        load_state_dict_into(self.rule, ck["rule"])
+        load_state_dict_into(self.gradient, ck["rule"])
         for iv, sd in zip(self.interventions, ck["interventions"]):
             load_state_dict_into(iv, sd)
         self.probes.load_state_dicts(ck["instruments"])
         self.batch_probes.load_state_dicts(ck.get("batch_instruments", []))
         set_rng_state(ck["rng"])
-        self._gen.set_state(ck["data_rng"])
-        self._epoch_gen_state = ck["data_rng"]
-        st.step, st.epoch, self._pos = ck["step"], ck["epoch"], ck["pos"]
-        if self._pos > 0:  # mid-epoch: draw this epoch's permutation again
-            self._perm = torch.randperm(len(self.y), generator=self._gen)
+        self.sampler.load_state_dict(ck)
+        st.step, st.epoch = ck["step"], ck["epoch"]
 
     def _resume(self, st: State) -> bool:
         if self.run is None:
