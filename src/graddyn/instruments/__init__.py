@@ -5,7 +5,7 @@ Registered names: coherence, batch_coherence, confusion, stiffness, gsnr, group_
 learned_at, spectrum, margin.
 """
 
-from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe
+from graddyn.instruments._base import INSTRUMENTS, Instrument, Probe, empty_error, require_grads
 from graddyn.instruments.coherence import (
     BatchCoherence,
     Coherence,
@@ -43,11 +43,13 @@ __all__ = [
     "coherence_from_sums",
     "confusion_from_gram",
     "confusion_from_vectors",
+    "empty_error",
     "gsnr_from_state",
     "gsnr_state_update",
     "learned_at_steps",
     "minibatch_gradient",
     "pairwise_cosines",
+    "require_grads",
     "split_from_gram",
     "stiffness_from_sums",
     "stiffness_sums",

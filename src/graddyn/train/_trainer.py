@@ -188,8 +188,8 @@ class Trainer:
     @contextmanager
     def _capture(self) -> Iterator[None]:
         """One capture of the model for the whole fit, rearmed on each measured step: its
-        hooks are installed once (a fresh capture per step cost ~0.14 ms a step on the paper's
-        MLP). It records nothing between steps; it re-hooks if the parameters change."""
+        hooks are installed once instead of every step (docs/benchmarks_overhead.md). It records
+        nothing between steps; it re-hooks if the parameters change."""
         if not self.batch_probes.instruments:
             yield
             return
