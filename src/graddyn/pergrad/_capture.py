@@ -17,7 +17,6 @@ inside transforms are not recorded).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from weakref import WeakKeyDictionary
@@ -33,6 +32,7 @@ from ._errors import (
     ExactPathWarning,
     UnsupportedModuleError,
     batchnorm_message,
+    check_losses,
     exact_path_message,
     unsupported_message,
 )
@@ -280,31 +280,7 @@ class Capture:
         if self._state in ("new",) or not self._calls:
             raise CaptureError("nothing captured: call the model inside `with graddyn.capture"
                                "(model) as cap:` (with gradients enabled) before cap.backward().")
-        if not isinstance(losses, Tensor):
-            raise TypeError(f"backward() expects a tensor of per-example losses, got "
-                            f"{type(losses).__name__}.")
-        want = "(B,) per-example losses, e.g. F.cross_entropy(out, y, reduction='none')"
-        if self.mode == "output":
-            want = "the model output (B, *) for mode='output'"
-        if losses.ndim == 0 or (self.mode == "loss" and losses.ndim != 1):
-            raise CaptureError(f"losses has shape {tuple(losses.shape)}; expected {want}. "
-                               "A reduced (mean/sum) loss mixes the examples: use "
-                               "reduction='none' and pass scale=1/B for a mean.")
-        if losses.grad_fn is None:
-            raise CaptureError("losses were not built from the captured forward pass (they "
-                               "have no autograd graph). Fix: compute them inside the with "
-                               "block from the model output, with gradients enabled.")
-        if not math.isfinite(float(scale)):
-            raise CaptureError(f"scale={scale} is not finite. Fix: pass a finite scale, e.g. "
-                               "1/B for the mean over the batch.")
-        bad = ~torch.isfinite(losses.detach().reshape(losses.shape[0], -1)).all(1)
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten().tolist()
-            raise CaptureError(f"losses of example(s) {idx[:10]}{' ...' if len(idx) > 10 else ''}"
-                               " are not finite (NaN or inf): their per-example gradients "
-                               "would be NaN and poison every Gram entry. Fix: drop or repair "
-                               "those examples (e.g. check the inputs for NaN) before "
-                               "backward().")
+        check_losses(losses, scale, self.mode)
 
     def _plan(self, losses: Tensor, scale: float) -> tuple[Plan, object, Walk | None]:
         """The cached plan of this graph's structure, or a new one (with its layout_check)."""

@@ -3,6 +3,11 @@ and the fix."""
 
 from __future__ import annotations
 
+import math
+
+import torch
+from torch import Tensor
+
 
 class UnsupportedModuleError(TypeError):
     """A parameter needs the exact (slow) path and ``capture(..., fallback=False)`` forbids it.
@@ -56,3 +61,34 @@ def batchnorm_message(module_type: str, qualname: str) -> str:
         "does; slower for the layers below the BatchNorm), pass "
         "graddyn.capture(model, batchnorm='coupled')."
     )
+
+
+def check_losses(losses: object, scale: float, mode: str) -> None:
+    """What ``Capture.backward`` needs of its input: per-example losses (B,) (or the model
+    output (B, *) for ``mode='output'``) from the captured graph, all finite, and a finite
+    ``scale``; otherwise an error naming the problem and the fix."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"backward() expects a tensor of per-example losses, got "
+                        f"{type(losses).__name__}.")
+    want = "(B,) per-example losses, e.g. F.cross_entropy(out, y, reduction='none')"
+    if mode == "output":
+        want = "the model output (B, *) for mode='output'"
+    if losses.ndim == 0 or (mode == "loss" and losses.ndim != 1):
+        raise CaptureError(f"losses has shape {tuple(losses.shape)}; expected {want}. "
+                           "A reduced (mean/sum) loss mixes the examples: use "
+                           "reduction='none' and pass scale=1/B for a mean.")
+    if losses.grad_fn is None:
+        raise CaptureError("losses were not built from the captured forward pass (they "
+                           "have no autograd graph). Fix: compute them inside the with "
+                           "block from the model output, with gradients enabled.")
+    if not math.isfinite(float(scale)):
+        raise CaptureError(f"scale={scale} is not finite. Fix: pass a finite scale, e.g. "
+                           "1/B for the mean over the batch.")
+    bad = ~torch.isfinite(losses.detach().reshape(losses.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise CaptureError(f"losses of example(s) {idx[:10]}{' ...' if len(idx) > 10 else ''}"
+                           " are not finite (NaN or inf): their per-example gradients "
+                           "would be NaN and poison every Gram entry. Fix: drop or repair "
+                           "those examples (e.g. check the inputs for NaN) before "
+                           "backward().")

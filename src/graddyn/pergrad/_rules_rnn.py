@@ -173,8 +173,9 @@ def rnn_rule(m: nn.RNNBase, call: RuleCall) -> list[Use]:
         per = []
         for d in range(dirs):
             k = layer * dirs + d
-            per.append(_forward(m, layer_in, weights(f"_l{layer}" + ("_reverse" if d else "")),
-                                h0[k], c0[k] if c0 is not None else None, steps(d)))
+            w = weights(f"_l{layer}" + ("_reverse" if d else ""))
+            per.append(_forward(m, layer_in, w, h0[k], c0[k] if c0 is not None else None,
+                                steps(d)) | {"w": w})
         states.append((layer_in, per))
         layer_in = torch.cat([s["out"] for s in per], -1)
 
@@ -188,14 +189,16 @@ def rnn_rule(m: nn.RNNBase, call: RuleCall) -> list[Use]:
         d_in = None
         for d in range(dirs):
             k, sfx = layer * dirs + d, f"_l{layer}" + ("_reverse" if d else "")
-            w, st = weights(sfx), per[d]
+            st = per[d]
+            w = st["w"]
             dh = g_h[k].to(wdt) if g_h is not None else x.new_zeros(n, h_size)
             dc = (g_c[k].to(wdt) if g_c is not None else x.new_zeros(n, m.hidden_size)) \
                 if m.mode == "LSTM" else None
             dout = g_out[..., d * h_size:(d + 1) * h_size]
             dgi, dgh, dr = _backward(m, st, w, c0[k] if c0 is not None else None, dout, dh,
                                      dc, steps(d))
-            d_in = dgi @ w["ih"] if d_in is None else d_in + dgi @ w["ih"]  # (N, T, D_in)
+            if layer:  # the gradient of the layer below's outputs (N, T, D_in)
+                d_in = dgi @ w["ih"] if d_in is None else d_in + dgi @ w["ih"]
             gsize = dgi.shape[-1]
             wanted = call.wanted
             if "weight_ih" + sfx in wanted:
@@ -210,7 +213,7 @@ def rnn_rule(m: nn.RNNBase, call: RuleCall) -> list[Use]:
             if "hf" in st and "weight_hr" + sfx in wanted:
                 uses.append(("weight_hr" + sfx, Outer(dr[:, None], st["hf"][:, None],
                                                       dr.shape[-1])))
-        g_out = d_in  # the gradient of the layer below's outputs
+        g_out = d_in
     return uses
 
 
