@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import types
 from dataclasses import replace
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graddyn
-from graddyn.instruments import INSTRUMENTS, GroupSplit, LearnedAt, Probe
+from graddyn.instruments import INSTRUMENTS, GroupSplit, Instrument, LearnedAt, Probe
 
 
 def _mlp() -> nn.Module:
@@ -42,7 +43,7 @@ def _probes(model: nn.Module) -> list[Probe]:
     return out
 
 
-def _spectrum_args(probes: list[Probe]) -> dict[str, Any]:
+def _spectrum_args() -> dict[str, Any]:
     """Spectrum watches one output on its own fixed 1-D input set, so it has no all-default
     constructor."""
     x = torch.linspace(-3, 3, 6, dtype=torch.float64)
@@ -51,23 +52,23 @@ def _spectrum_args(probes: list[Probe]) -> dict[str, Any]:
 
 CORRUPT = torch.arange(16) % 2 == 0  # (N,) group mask over the training indices the probes use
 REQUIRED: dict[str, Any] = {"spectrum": _spectrum_args,
-                            "group_split": lambda probes: {"corrupt": CORRUPT},
-                            "learned_at": lambda probes: {"corrupt": CORRUPT}}
+                            "group_split": lambda: {"corrupt": CORRUPT},
+                            "learned_at": lambda: {"corrupt": CORRUPT}}
 EMPTY_IS_DEFINED = {"margin"}  # its value before any update is documented: +inf
 
 
 def _adapt(name: str, probe: Probe) -> Probe:
     """Spectrum's probe: the first logit on its inputs (x repeated over the 4 features)."""
     if name == "spectrum":
-        x = _spectrum_args([probe])["x"]
+        x = _spectrum_args()["x"]
         with torch.no_grad():
             return replace(probe, outputs=probe.model(x[:, None].expand(-1, 4))[:, 0])
     return probe
 
 
-def _build(name: str, probes: list[Probe]) -> Any:
+def _build(name: str) -> Any:
     cls = INSTRUMENTS.get(name)
-    return cls(**REQUIRED[name](probes)) if name in REQUIRED else cls()
+    return cls(**REQUIRED[name]()) if name in REQUIRED else cls()
 
 
 def _same(a: Any, b: Any, approx: bool = False) -> bool:
@@ -96,21 +97,22 @@ def probes() -> list[Probe]:
 
 
 def _fed(name: str, probes: list[Probe]) -> Any:
-    inst = _build(name, probes)
+    inst = _build(name)
     for p in probes:
         inst.update(_adapt(name, p))
     return inst
 
 
-@pytest.mark.parametrize("name", INSTRUMENTS.names())
-def test_name_is_declared_once(name):
-    assert INSTRUMENTS.get(name).name == name
+def test_a_name_is_registered_once():
+    """The class statement files the instrument under its name: a second one is refused."""
+    with pytest.raises(ValueError, match="registered twice"):
+        types.new_class("Again", (Instrument,), {"name": "coherence"})
 
 
 @pytest.mark.parametrize("name", sorted(set(INSTRUMENTS.names()) - EMPTY_IS_DEFINED))
-def test_compute_before_update_says_so(name, probes):
+def test_compute_before_update_says_so(name):
     with pytest.raises(RuntimeError, match="update"):
-        _build(name, probes).compute()
+        _build(name).compute()
 
 
 @pytest.mark.parametrize("name", INSTRUMENTS.names())
@@ -128,7 +130,7 @@ def test_compute_is_a_flat_dict_of_finite_numbers(name, probes):
 def test_deterministic_and_reset_returns_to_the_defaults(name, probes):
     a, b = _fed(name, probes), _fed(name, probes)
     assert _same(a.compute(), b.compute())
-    fresh = _build(name, probes).state_dict()
+    fresh = _build(name).state_dict()
     assert fresh.keys() == a.state_dict().keys() and fresh  # every instrument declares state
     a.reset()
     assert _same(a.state_dict(), fresh)
@@ -140,7 +142,7 @@ def test_deterministic_and_reset_returns_to_the_defaults(name, probes):
 @pytest.mark.parametrize("name", INSTRUMENTS.names())
 def test_state_dict_round_trips(name, probes):
     inst = _fed(name, probes)
-    copy = _build(name, probes)
+    copy = _build(name)
     copy.load_state_dict(inst.state_dict())
     assert _same(copy.compute(), inst.compute())
     with pytest.raises(KeyError, match="state_dict"):

@@ -79,6 +79,8 @@ def _fresh(value: Any) -> Any:
         return value
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if type(value) in (list, dict) and not value:  # the common empty default, without deepcopy
+        return type(value)()
     return copy.deepcopy(value)
 
 

@@ -106,11 +106,10 @@ class GroupSplit(Instrument, name="group_split"):
                              "Probe(indices=...)")
         mask = self.corrupt[probe.indices.to(self.corrupt.device)].to(gram.device)  # (B,)
         masks = [mask] + null_masks(mask, self.null_worlds, self.seed, probe.step)
-        for w, m in enumerate(masks):
-            s = split_sums(gram, m)
-            self._pooled[w] += torch.tensor([float(s[f]) for f in _FIELDS], dtype=torch.float64)
-            if m is mask:
-                self._last = s
+        sums = [split_sums(gram, m) for m in masks]  # per world [real, null 0, ...]
+        self._pooled += torch.tensor([[float(s[f]) for f in _FIELDS] for s in sums],
+                                     dtype=torch.float64)
+        self._last = sums[0]
 
     def compute(self) -> dict[str, Any]:
         if self._last is None:

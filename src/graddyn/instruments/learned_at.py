@@ -56,25 +56,24 @@ class LearnedAt(Instrument, name="learned_at"):
         # per training index: start of the current run of correct answers; -1: wrong now,
         # -2: never seen. Indices are not shards' disjoint ranges: no reduction.
         self.add_state("_start", torch.empty(0, dtype=torch.long))
-        self.add_state("_corrupt", torch.empty(0, dtype=torch.bool))  # per index: in the group
 
     def _grow(self, size: int) -> None:
         if size > self._start.shape[0]:
             extra = size - self._start.shape[0]
             self._start = torch.cat([self._start, torch.full((extra,), -2, dtype=torch.long)])
-            self._corrupt = torch.cat([self._corrupt, torch.zeros(extra, dtype=torch.bool)])
 
     def update(self, probe: Probe) -> None:
         if probe.outputs is None or probe.targets is None or probe.indices is None:
             raise ValueError("LearnedAt needs Probe(outputs=logits, targets=y, indices=idx)")
         idx = probe.indices.long().cpu()
+        if self.corrupt is not None and int(idx.max()) >= len(self.corrupt):
+            raise IndexError(f"LearnedAt: probe index {int(idx.max())} is outside the corrupt "
+                             f"mask of {len(self.corrupt)} training examples")
         self._grow(int(idx.max()) + 1)
         correct = (probe.outputs.argmax(-1) == probe.targets).cpu()
         prev = self._start[idx]
         started = torch.where(prev >= 0, prev, torch.full_like(prev, probe.step))
         self._start[idx] = torch.where(correct, started, torch.full_like(prev, -1))
-        if self.corrupt is not None:
-            self._corrupt[idx] = self.corrupt[idx]
 
     def learned_at(self) -> dict[int, int]:
         """training index -> learned-at step (-1 when currently misclassified)."""
@@ -86,8 +85,12 @@ class LearnedAt(Instrument, name="learned_at"):
         if not seen.any():
             raise empty_error("LearnedAt")
         learned = self._start >= 0
+        corrupt = torch.zeros_like(seen)  # (N_seen,) the group of every index seen
+        if self.corrupt is not None:
+            k = min(len(seen), len(self.corrupt))
+            corrupt[:k] = self.corrupt[:k]
         out: dict[str, Any] = {"frac_learned": float(learned[seen].float().mean())}
-        for name, grp in (("pristine", seen & ~self._corrupt), ("corrupt", seen & self._corrupt)):
+        for name, grp in (("pristine", seen & ~corrupt), ("corrupt", seen & corrupt)):
             n = int(grp.sum())
             out[f"frac_learned_{name}"] = float(learned[grp].sum()) / n if n else float("nan")
             steps = self._start[grp & learned].double()

@@ -116,15 +116,15 @@ def _means_numpy(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _add_sums(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
-    """Two (3, K, K) class-pair sums, the smaller K padded with zeros (classes not seen)."""
+    """Two (3, K, K) class-pair sums, the smaller K padded with zeros (classes not seen).
+    Adds into ``a`` (the caller's fresh sums or its own state); ``b`` is never written."""
     if a is None or b is None:
         return b if a is None else a
     if a.shape[1] < b.shape[1]:
-        a, b = b, a
-    out = a.copy()
+        a, b = b.copy(), a
     k = b.shape[1]
-    out[:, :k, :k] += b
-    return out
+    a[:, :k, :k] += b
+    return a
 
 
 class Stiffness(Instrument, name="stiffness"):
