@@ -24,7 +24,6 @@ tensor([-97.], dtype=torch.float64)
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -47,7 +46,6 @@ _jit: ModuleType | None = None
 _import_failed = False
 _ready: dict[torch.dtype, bool] = {}
 _pool: ThreadPoolExecutor | None = None
-compile_seconds: dict[torch.dtype, float] = {}
 """Wall time of the first call per dtype (compiling, or loading numba's on-disk cache)."""
 
 
@@ -77,7 +75,6 @@ def _compiled(dtype: torch.dtype) -> bool:
     if dtype not in _ready:
         jit, ok = _kernels(), False
         if jit is not None:
-            t0 = time.perf_counter()
             try:  # a tiny real call: compiles (or loads) this dtype's machine code
                 g, x = torch.ones(3, 1, dtype=dtype), torch.arange(3, dtype=dtype)[:, None]
                 jit.corrections(g.numpy(), x.numpy(), 1, 0, 1, 0, 1, g[0:1].numpy(), 16, True)
@@ -85,7 +82,6 @@ def _compiled(dtype: torch.dtype) -> bool:
             except Exception as err:  # a numba that cannot compile it: the reference
                 warnings.warn(f"graddyn: compiled winsorized-mean kernel unavailable for "
                               f"{dtype} ({err!r}); using the PyTorch reference", stacklevel=3)
-            compile_seconds[dtype] = time.perf_counter() - t0
         _ready[dtype] = ok
     return _ready[dtype]
 

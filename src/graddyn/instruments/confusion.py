@@ -48,8 +48,17 @@ def pairwise_cosines(gram: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
         raise ValueError(f"need a square Gram of at least 2 gradients, got {tuple(gram.shape)}")
     g = host64(gram)
-    idx = upper_flat(g.shape[0])  # pairs i < j
-    return torch.from_numpy(np.take(g, idx)), torch.from_numpy(np.take(cosine_matrix(g), idx))
+    inner, cos = _upper_pairs(g, cosine_matrix(g))
+    return torch.from_numpy(inner), torch.from_numpy(cos)
+
+
+def _upper_pairs(gram: np.ndarray, cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (B(B-1)/2,) entries i < j (row-major) of a (B, B) Gram and its cosine matrix."""
+    jit = pair_kernels()
+    if jit is not None:  # one compiled pass for both
+        return jit.upper_pairs(gram, cos)
+    flat = upper_flat(gram.shape[0])  # positions i B + j, i < j
+    return np.take(gram, flat), np.take(cos, flat)
 
 
 def cosine_histogram(cos: Tensor | np.ndarray, num_bins: int = NUM_BINS) -> Tensor:
@@ -170,12 +179,7 @@ class Confusion(Instrument, name="confusion"):
         gram, cos = host_pairs(require_grads(probe, "Confusion"))  # (B, B) float64
         if gram.shape[0] < 2:
             raise ValueError(f"need a square Gram of at least 2 gradients, got {gram.shape}")
-        jit = pair_kernels()
-        if jit is not None:  # one call for both (B(B-1)/2,) arrays of the pairs i < j
-            inner, cosines = jit.upper_pairs(gram, cos)
-        else:
-            flat = upper_flat(gram.shape[0])  # positions i B + j, i < j
-            inner, cosines = np.take(gram, flat), np.take(cos, flat)
+        inner, cosines = _upper_pairs(gram, cos)
         self._inner.append(inner)
         self._cos.append(cosines)
 

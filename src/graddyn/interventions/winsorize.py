@@ -24,7 +24,6 @@ rest is materialised in row blocks within ``memory_budget_bytes``; without it (k
 switched off, numba missing, not CPU) the sorting reference runs on the blocks. Speed:
 ``docs/benchmarks_winsorize.md``.
 
->>> from graddyn.train import per_example_cross_entropy
 >>> model = torch.nn.Linear(3, 2)
 >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
 >>> losses = WinsorizedGradient(c=1).compute(model, x, y, per_example_cross_entropy)
