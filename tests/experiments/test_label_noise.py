@@ -227,9 +227,9 @@ def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypat
     records (the cumulative f_p state and the step counter live in the checkpoint)."""
     cfg = [*TINY, "noise_levels=0.5", "split_steps=10", "seeds=3"]  # checkpoints every 3 steps
     whole = run_experiment(NAME, cfg, root=tmp_path / "a", progress=False)
-    import graddyn.train._measured as trainer_module  # MeasuredMean calls it from there
+    import graddyn.train._measured as measured_module  # MeasuredMean calls it from there
 
-    real_call, calls = trainer_module.measured_backward, []
+    real_call, calls = measured_module.measured_backward, []
 
     def crash_at_step_8(*args, **kwargs):  # the split window measures steps 1..10
         calls.append(1)
@@ -237,10 +237,10 @@ def test_resume_after_a_crash_continues_the_cumulative_split(tmp_path, monkeypat
             raise RuntimeError("killed")
         return real_call(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "measured_backward", crash_at_step_8)
+    monkeypatch.setattr(measured_module, "measured_backward", crash_at_step_8)
     with pytest.raises(RuntimeError, match="killed"):
         run_experiment(NAME, cfg, root=tmp_path / "b", progress=False)
-    monkeypatch.setattr(trainer_module, "measured_backward", real_call)
+    monkeypatch.setattr(measured_module, "measured_backward", real_call)
     resumed = run_experiment(NAME, cfg, root=tmp_path / "b", resume=True, progress=False)
     for name in ("seed3/noise50/group_split/f_p", "seed3/noise50/group_split/null1/mean_c",
                  "seed3/noise50/fit/train_acc", "seed3/noise50/learned_at/mean_step_pristine"):

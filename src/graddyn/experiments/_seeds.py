@@ -96,9 +96,10 @@ def each_seed_once(run: Any, seeds: Sequence[int], work: Any) -> None:
     """The resume contract of a study with its own loop: ``work(seed, SeedRun)``, seeded by
     that seed alone, runs once per seed. A resumed run skips finished seeds (``done``) and
     redoes an interrupted one from scratch: the records of an uninterrupted run."""
+    recorded = set(run.metric_names())  # another seed's work does not change this seed's
     for seed in seeds:
         view = SeedRun(run, seed)
-        if "done" in view.metric_names():
+        if f"{view.prefix}done" in recorded:
             continue
         run.truncate_after(-1, prefix=view.prefix)
         work(seed, view)

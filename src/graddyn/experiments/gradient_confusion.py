@@ -206,7 +206,8 @@ def make_model(cell: Cell, data: DataSplits) -> nn.Module:
 
 def load_data(cfg: GradientConfusionConfig) -> DataSplits:
     """The dataset in the default dtype; ``max_train`` examples (seeded subsample) if set."""
-    d = subsample(load_study_data(cfg.dataset, "", cfg.preprocess), cfg.max_train or None,
+    d = load_study_data(cfg.dataset, "", cfg.preprocess)
+    d = subsample(d, min(cfg.max_train, len(d.train_y)) or None,  # more than N: all N
                   generator=torch.Generator().manual_seed(cfg.seed))
     dtype = torch.get_default_dtype()
     d = replace(d, train_x=d.train_x.to(dtype), test_x=d.test_x.to(dtype))

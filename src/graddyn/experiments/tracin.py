@@ -115,7 +115,8 @@ def _found_at(curve: np.ndarray, frac: float) -> float:
 def _setup(cfg: TracInMislabelConfig, seed: int) -> tuple:
     """-> (data with flipped training labels, corrupt mask (N,), model) of one seed."""
     d = load_study_data(cfg.dataset, "", cfg.preprocess)
-    d = subsample(d, cfg.max_train or None, generator=torch.Generator().manual_seed(seed + 1))
+    d = subsample(d, min(cfg.max_train, len(d.train_y)) or None,  # more than N: all N
+                  generator=torch.Generator().manual_seed(seed + 1))
     noisy, mask = flip_labels(d.train_y, cfg.noise, d.num_classes,
                               torch.Generator().manual_seed(seed + 2))
     torch.manual_seed(seed)

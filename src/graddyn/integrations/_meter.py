@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from graddyn.instruments._base import Instrument, Probe
-from graddyn.train._probes import ProbeRunner, capture_backward, compute_due, reset_due
+from graddyn.train._probes import ProbeRunner, compute_due, reset_due
 from graddyn.train._schedules import Schedule
 
 
@@ -37,9 +36,7 @@ class StepMeter:
         if not instruments:
             raise ValueError("no instruments to measure: pass (instrument, schedule) pairs, "
                              "e.g. instruments=[(Confusion(), every(10))]")
-        # validates the pairs and answers which are due (it never runs its engine here)
-        self._runner = ProbeRunner(instruments, torch.empty(0, dtype=torch.long), None,
-                                   capture_backward)
+        self._runner = ProbeRunner(instruments)  # validates the pairs, says which are due
         self.prefix = prefix
         self.history: list[tuple[int, str, float]] = []
         self.arrays: dict[str, tuple[int, Any]] = {}

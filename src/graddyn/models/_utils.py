@@ -33,19 +33,19 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024,
-             summed_loss: Callable[[Tensor, Tensor], Tensor] | None = None
+             loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
              ) -> tuple[float, float | None]:
     """``(mean loss, accuracy)`` of ``model`` in eval mode (restored after) on ``x (N, ...)``,
-    ``y (N,)``, ``batch_size`` at a time. ``summed_loss(outputs, targets)``: a chunk's summed
-    loss (default cross-entropy); accuracy None unless all outputs are logits (b, K)."""
+    ``y (N,)``, ``batch_size`` at a time. ``loss_fn(outputs, targets)``: per-example losses
+    (b,) (default cross-entropy); accuracy None unless all outputs are logits (b, K)."""
     was_training = model.training
     model.eval()
     loss, correct, is_cls = 0.0, 0, True
     try:
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
             out = model(xb)  # (b, K) logits, or (b, ...) outputs of a regression
-            loss += float(F.cross_entropy(out, yb, reduction="sum") if summed_loss is None
-                          else summed_loss(out, yb))
+            loss += float(F.cross_entropy(out, yb, reduction="sum") if loss_fn is None
+                          else loss_fn(out, yb).sum())
             is_cls = is_cls and out.dim() == 2 and not yb.is_floating_point()
             if is_cls:
                 correct += int((out.argmax(1) == yb).sum())

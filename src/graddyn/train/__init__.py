@@ -9,7 +9,7 @@ Runs live in a ``RunStore`` (SQLite + checkpoint files) and resume bit for bit.
 from graddyn._losses import LossFn, per_example_cross_entropy
 from graddyn.train._events import Batch, Event, Intervention, OnEvent, State
 from graddyn.train._gradient import GradientStep, MeanLoss
-from graddyn.train._measured import MeasuredMean, measured_backward
+from graddyn.train._measured import measured_backward
 from graddyn.train._probes import ProbeBackward, Probes, capture_backward
 from graddyn.train._report import new_figure, plot_histories, save_figure
 from graddyn.train._report_html import write_html_report
@@ -28,7 +28,7 @@ from graddyn.train._trainer import NonFiniteLossError, Recording, Trainer, set_p
 
 __all__ = [
     "Batch", "EpochSampler", "Event", "GradientStep", "Intervention", "LossFn", "MeanLoss",
-    "MeasuredMean", "NonFiniteLossError", "OnEvent", "ProbeBackward", "Probes", "Recording",
+    "NonFiniteLossError", "OnEvent", "ProbeBackward", "Probes", "Recording",
     "Run", "RunExistsError", "RunNotFoundError", "RunStore", "Schedule", "State", "Trainer",
     "at", "at_end", "capture_backward", "every", "fires", "get_rng_state", "git_sha",
     "logspaced", "measured_backward", "new_figure", "package_versions",

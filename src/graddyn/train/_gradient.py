@@ -19,8 +19,7 @@ from graddyn.train._events import Batch
 @runtime_checkable
 class GradientStep(Protocol):
     """Fills ``p.grad`` of the model's parameters for one batch; returns the (B,) detached
-    per-example losses. ``p.grad`` is set to None before the call, unless the step has a
-    true ``keeps_grad_buffers`` attribute (it writes over them in place: ``MeasuredMean``).
+    per-example losses. ``p.grad`` is set to None before the call.
 
     A step with state that must survive a resume also defines ``state_dict()`` and
     ``load_state_dict(d)`` (tensors and plain containers only)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from graddyn._losses import LossFn, check_losses
@@ -71,15 +70,14 @@ class MeasuredMean:
     """``MeanLoss`` on a batch where batch instruments are due: ``measured_backward``
     through the trainer's open ``cap``, the ``due`` instruments measure its per-example
     gradients (``results`` until the step is recorded), then ``p.grad = sum_n g_n / B`` is
-    written over last step's buffers (``keeps_grad_buffers``: one fused ``addmm``, no fresh
-    pages). ``gather``: every rank's rows under DDP (the global batch), else identity.
-    Returns this rank's losses (B,)."""
-
-    keeps_grad_buffers = True
+    written over last step's buffers (the trainer does not zero them: one fused ``addmm``,
+    no fresh pages). ``gather``: every rank's rows under DDP (the global batch), else
+    identity; ``check(losses)`` raises on the global batch's losses before anything is
+    measured or written. Returns the global batch's losses (B,)."""
 
     def __init__(self, due: list[Any], cap: Capture | None, step: int,
-                 gather: Callable[[Tensor], Tensor]) -> None:
-        self.due, self.cap, self.step, self.gather = due, cap, step, gather
+                 gather: Callable[[Tensor], Tensor], check: Callable[[Tensor], None]) -> None:
+        self.due, self.cap, self.step, self.gather, self.check = due, cap, step, gather, check
         self.results: tuple[dict[str, float], dict[str, Any]] | None = None
 
     def __call__(self, model: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
@@ -87,10 +85,10 @@ class MeasuredMean:
                                                    write=False, cap=self.cap)
         everyone, outputs, targets, rows = (self.gather(t) for t in (
             losses, outputs, batch.y, batch.indices))
-        if bool(torch.isfinite(everyone).all()):  # else the trainer stops with the step
-            # measured before p.grad is written: the Gram's factors are still in cache
-            self.results = measure(self.due, [Probe(
-                grads=grads, losses=everyone, outputs=outputs, targets=targets, indices=rows,
-                step=self.step, model=model)])
+        self.check(everyone)
+        # measured before p.grad is written: the Gram's factors are still in cache
+        self.results = measure(self.due, [Probe(
+            grads=grads, losses=everyone, outputs=outputs, targets=targets, indices=rows,
+            step=self.step, model=model)])
         grads.write_grad(scale=1.0 / len(rows), overwrite=True)
-        return losses
+        return everyone

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from graddyn._losses import LossFn, check_losses
 from graddyn.instruments._base import Instrument, Probe
-from graddyn.train._schedules import fires
+from graddyn.train._schedules import StepPredicate, fires
 
 # (model, loss_fn, x (B, ...), y (B,)) -> (BatchGrads-like, losses (B,), outputs (B, ...))
 ProbeBackward = Callable[[nn.Module, LossFn, Tensor, Tensor], tuple[Any, Tensor, Tensor]]
@@ -57,8 +57,8 @@ class Probes:
     pairs on each *training* batch from the step's own backward (``MeasuredMean``: no second
     pass), at the weights before the update, logged at the step after it."""
 
-    instruments: Sequence[tuple[Instrument, Callable[[int], bool]]] = ()
-    batch_instruments: Sequence[tuple[Instrument, Callable[[int], bool]]] = ()
+    instruments: Sequence[tuple[Instrument, StepPredicate]] = ()
+    batch_instruments: Sequence[tuple[Instrument, StepPredicate]] = ()
     size: int = 256
     batch_size: int | None = None
     backward: ProbeBackward = capture_backward
@@ -66,14 +66,15 @@ class Probes:
 
 class ProbeRunner:
     """Evaluates due instruments on fixed training examples ``indices`` (P,), split into
-    chunks of ``batch_size`` (one ``Probe`` = one backward pass each)."""
+    chunks of ``batch_size`` (one ``Probe`` = one backward pass each); without ``indices``
+    it only validates the pairs and says which are due."""
 
     def __init__(
         self,
-        instruments: Sequence[tuple[Instrument, Callable[[int], bool]]],
-        indices: Tensor,
-        batch_size: int | None,
-        backward: ProbeBackward,
+        instruments: Sequence[tuple[Instrument, StepPredicate]],
+        indices: Tensor | None = None,
+        batch_size: int | None = None,
+        backward: ProbeBackward = capture_backward,
     ) -> None:
         for item in instruments:
             if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
@@ -82,6 +83,8 @@ class ProbeRunner:
                     "e.g. [(Coherence(), every(10))]"
                 )
         self.instruments = list(instruments)
+        # no indices: only the schedules are used (batch instruments, other loops' meters)
+        indices = torch.empty(0, dtype=torch.long) if indices is None else indices
         self.chunks = list(torch.split(indices, batch_size or max(len(indices), 1)))
         self.backward = backward
 

@@ -27,11 +27,11 @@ class EpochSampler:
     def next(self) -> tuple[torch.Tensor, bool]:
         """The next batch's indices (B,) and whether it starts an epoch."""
         starts = self.pos == 0
-        if starts:
-            self._epoch_state = self._gen.get_state()
+        if starts:  # the generator is at _epoch_state here (init, end_epoch, load)
             self._perm = torch.randperm(self.n, generator=self._gen)
-        b, self.pos = self.batch_size, self.pos + 1
-        return self._perm[(self.pos - 1) * b : self.pos * b], starts
+        i = self.pos * self.batch_size
+        self.pos += 1
+        return self._perm[i : i + self.batch_size], starts
 
     @property
     def epoch_done(self) -> bool:

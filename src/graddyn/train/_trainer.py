@@ -16,9 +16,10 @@ Typical use inside an experiment's ``run(config, run)``::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,10 +38,9 @@ from graddyn.train._measured import MeasuredMean
 from graddyn.train._probes import ProbeRunner, Probes, load_state_dict_into, state_dict_of
 from graddyn.train._rng import get_rng_state, set_rng_state
 from graddyn.train._sampler import EpochSampler
-from graddyn.train._schedules import at_end, every, fires
+from graddyn.train._schedules import StepPredicate, at_end, every, fires
 from graddyn.train._store import Run
 
-Schedule = Callable[[int], bool]
 _PROGRESS = [os.environ.get("GRADDYN_QUIET", "") in ("", "0")]
 _EVERY_STEP = every(1)
 
@@ -65,10 +65,10 @@ class Recording:
     accuracy on the training and test sets (``evaluate``, ``eval_batch_size`` at a time);
     ``checkpoint``, the run's checkpoints."""
 
-    loss: Schedule | None = _EVERY_STEP
-    eval: Schedule | None = None
+    loss: StepPredicate | None = _EVERY_STEP
+    eval: StepPredicate | None = None
     eval_batch_size: int = 1000
-    checkpoint: Schedule | None = at_end
+    checkpoint: StepPredicate | None = at_end
 
 
 _NO_PROBES, _DEFAULT_RECORDING = Probes(), Recording()
@@ -126,19 +126,18 @@ class Trainer:
             )
         self._group = model.process_group if isinstance(model, DDP) else None
         world = 1 if self._group is None else dist.get_world_size(self._group)
-        if self._group is not None and (self.batch_size % world or not isinstance(
-                gradient or MeanLoss(), MeanLoss)):
+        self.loss_fn, self.gradient = loss_fn, gradient or MeanLoss()
+        plain = isinstance(self.gradient, MeanLoss)
+        if self._group is not None and (self.batch_size % world or not plain):
             raise ValueError(
                 f"under DistributedDataParallel batch_size is the global batch, split among "
                 f"the {world} ranks, and the gradient is DDP's mean: batch_size={batch_size} "
                 f"must be a multiple of {world}, and gradient must be the default MeanLoss")
-        if probes.batch_instruments and gradient is not None and not isinstance(
-                gradient, MeanLoss):
+        if probes.batch_instruments and not plain:
             raise ValueError(
                 "batch_instruments reuse the plain mean-gradient backward, so they cannot be "
                 f"combined with gradient={type(gradient).__name__}; measure them on the probe "
                 "set (Probes(instruments=...)) instead")
-        self.loss_fn, self.gradient = loss_fn, gradient or MeanLoss()
         self.interventions = list(interventions)
         self.run, self.lr_scheduler, self.recording = run, lr_scheduler, recording
         self.tag, self.prefix, self.progress = tag, f"{tag}/" if tag else "", progress
@@ -146,8 +145,7 @@ class Trainer:
         probe_idx = torch.randperm(n, generator=probe_gen)[: min(probes.size, n)].sort().values
         self.probes = ProbeRunner(probes.instruments, probe_idx, probes.batch_size,
                                   probes.backward)
-        self.batch_probes = ProbeRunner(probes.batch_instruments, probe_idx[:0], None,
-                                        probes.backward)
+        self.batch_probes = ProbeRunner(probes.batch_instruments)  # schedules only
         clash = ({i.name for i, _ in self.probes.instruments}
                  & {i.name for i, _ in self.batch_probes.instruments})
         if clash:
@@ -208,14 +206,16 @@ class Trainer:
             dist.get_world_size(self._group))[dist.get_rank(self._group)]  # this rank's share
         st.batch = Batch(self.x[mine], self.y[mine], mine)
         self._fire(Event.BATCH_START, st)
-        gradient: GradientStep = self.gradient
         due = self.batch_probes.due(st.step + 1, st.step + 1 == st.max_steps)
-        if due:  # measured on this batch, at these weights: the step's own backward
-            gradient = self._measured = MeasuredMean(due, self._cap, st.step, self._gather)
-        if not getattr(gradient, "keeps_grad_buffers", False):  # else it writes over them
+        if due:  # measured on this batch, at these weights: the step's own backward, which
+            # writes over last step's p.grad buffers and checks the losses before it writes
+            self._measured = MeasuredMean(due, self._cap, st.step, self._gather,
+                                          partial(self._check_finite, st))
+            losses = self._measured(self.model, self.loss_fn, st.batch)  # (B,) global
+        else:
             self.optimizer.zero_grad(set_to_none=True)
-        losses = self._gather(gradient(self.model, self.loss_fn, st.batch))  # (B,) global
-        self._check_finite(st, losses)
+            losses = self._gather(self.gradient(self.model, self.loss_fn, st.batch))  # global
+            self._check_finite(st, losses)
         st.losses = losses
         self._fire(Event.AFTER_BACKWARD, st)
         self.optimizer.step()
@@ -288,7 +288,7 @@ class Trainer:
             if x is not None and y is not None and len(y) > 0:
                 out[f"{split}/loss"], acc = evaluate(self.model, x, y,
                                                      self.recording.eval_batch_size,
-                                                     lambda o, t: self.loss_fn(o, t).sum())
+                                                     self.loss_fn)
                 if acc is not None:
                     out[f"{split}/acc"] = acc
         return out
