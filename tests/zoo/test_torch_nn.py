@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+import graddyn
+from graddyn.pergrad import CaptureError
+
 B, D = 4, 6
 
 
@@ -105,6 +108,49 @@ def test_lstm_projection_and_out_only(exact):
     rnn = nn.LSTM(D, 5, proj_size=3, num_layers=2)
     x, y = inputs(5, False)
     exact(rnn, lambda m: seq_loss(m(x)[0], y, False), exact_path=set())
+
+
+@pytest.mark.parametrize("bf", [True, False], ids=["batch_first", "seq_first"])
+def test_lstm_bidirectional_projection_with_states(exact, bf):
+    rnn = nn.LSTM(D, 5, proj_size=3, num_layers=2, bidirectional=True, batch_first=bf)
+    x, y = inputs(5, bf)
+    g = torch.Generator().manual_seed(5)
+    h0, c0 = torch.randn(4, B, 3, generator=g), torch.randn(4, B, 5, generator=g)
+
+    def loss(m):
+        out, (h, c) = m(x, (h0, c0))
+        return seq_loss(out, y, bf) + h[1].sum(1) + c[2].square().sum(1)
+
+    exact(rnn, loss, exact_path=set())
+
+
+@pytest.mark.parametrize("cell, bf", [(nn.LSTM, False), (nn.GRU, True)])
+def test_recurrent_output_modified_in_place(exact, cell, bf):
+    """The rule reads the recorded output as the states of the top layer; modified in place
+    after the call, it is recomputed instead."""
+    rnn = cell(D, 5, num_layers=2, batch_first=bf)
+    x, y = inputs(5, bf)
+
+    def loss(m):
+        out = m(x)[0]
+        out.mul_(2.0)
+        return seq_loss(out, y, bf)
+
+    exact(rnn, loss, exact_path=set())
+
+
+def test_view_output_modified_in_place_is_refused():
+    """A batch-first LSTM's ``out`` is a transposed view: modified in place, autograd routes
+    its gradient around the edge recorded at the call, which would read zeros."""
+    rnn = nn.LSTM(D, 5, batch_first=True)
+    x, y = inputs(5, True)
+    with graddyn.capture(rnn) as cap:
+        out = rnn(x)[0]
+        out.mul_(2.0)
+        losses = seq_loss(out, y, True)
+    with pytest.raises(CaptureError, match=r"LSTM.*view.*modified in place.*Fix: use "
+                                           r"out-of-place"):
+        cap.backward(losses)
 
 
 def test_lstm_projection_and_packed_sequences(exact):

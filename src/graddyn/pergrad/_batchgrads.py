@@ -116,10 +116,12 @@ class BatchGrads:
         (see ``bookkeeps``); computed once."""
         if pg.name not in self._book:
             rows = rows_in_workspace(pg)  # (N, P), valid until the next use of the workspace
+            gram = rows @ rows.T if self._wants_gram() else None
             self._book[pg.name] = {
-                "sum": rows.sum(0).reshape(pg.shape),
-                "sq": torch.linalg.vector_norm(rows, dim=1).square(),
-                "gram": rows @ rows.T if self._wants_gram() else None}
+                "sum": rows.sum(0).reshape(pg.shape),  # the squared norms: the Gram's diagonal
+                "sq": torch.linalg.vector_norm(rows, dim=1).square() if gram is None else
+                gram.diagonal(),
+                "gram": gram}
         return self._book[pg.name]
 
     def gram(self, per_layer: bool = False) -> Tensor | dict[str, Tensor]:

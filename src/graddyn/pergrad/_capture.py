@@ -42,7 +42,7 @@ from ._layout import Layout
 from ._local import LocalGraph, book, edge_source, local_grads, losses_source
 from ._paramgrads import ParamGrads
 from ._plan import Book, Plan, analyse, candidate_rules, internal_nodes, jumps_of
-from ._record import Call, batch_pattern, edge_of, ekey, record_call, stale
+from ._record import Call, batch_pattern, edge_of, ekey, orphaned, record_call, stale
 from ._rules import RuleCall, rule_for
 from ._rules_norm import is_coupled_batchnorm
 from ._select import resolve_params, resolve_strategy
@@ -224,6 +224,14 @@ class Capture:
                                "forward (e.g. nn.ReLU(inplace=True) on a layer's input); the "
                                "recorded values are stale. Fix: use out-of-place ops "
                                "(inplace=False).")
+        bad = orphaned(calls)
+        if bad is not None:
+            raise CaptureError(
+                f"an output of {type(bad.module).__name__} "
+                f"('{self._qual.get(id(bad.module), '?')}') is a view of another tensor and "
+                "was modified in place after the call (e.g. out.mul_(2)); its gradient can no "
+                "longer be read where the call recorded it. Fix: use out-of-place ops on it "
+                "(out = out * 2), or clone it first (out = out.clone()).")
         plan, layout_check, final = self._plan(losses, scale)
         b = losses.shape[0]
         k = 1 if self.mode == "loss" else int(losses[0].numel())
@@ -343,7 +351,9 @@ class Capture:
         args, kwargs = c.args, c.kwargs
         if c.rule.accepts is not None:  # a rule of several outputs reads them as they are
             g0 = next(g for g in gs if g is not None)
-            for attr, f in c.rule.fn(c.module, RuleCall(args, kwargs, g0, c.wanted, gs)):
+            outs = [o.detach() if o._version == v else None
+                    for o, v in zip(c.outputs, c.out_versions)]
+            for attr, f in c.rule.fn(c.module, RuleCall(args, kwargs, g0, c.wanted, gs, outs)):
                 pg = pgs[id(c.module._parameters[attr])]
                 pg.add_dense(f) if isinstance(f, Tensor) else pg.add_outer(f)
             return

@@ -43,6 +43,7 @@ class Call:
     in_edges: list[GradientEdge]  # gradient edges of the inputs that require grad, at call time
     ins: list[Tensor]  # tensor inputs, to detect in-place changes after the call
     versions: list[int]
+    out_versions: list[int]  # of ``outputs`` at call time (a rule reading them checks)
     rule: Rule | None = None
     wanted: set[str] = field(default_factory=set)  # the module's own captured parameters
     tag: object = None  # what identifies the call across steps (default: id(module))
@@ -64,12 +65,21 @@ def record_call(m: nn.Module, args: tuple, kwargs: dict, output: object) -> Call
         detached = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
     in_edges = [edge_of(t) for t in ins if t.requires_grad]
     return Call(m, detached[0], detached[1], outs, [edge_of(t) for t in outs], in_edges, ins,
-                [t._version for t in ins])
+                [t._version for t in ins], [t._version for t in outs])
 
 
 def stale(calls: list[Call]) -> bool:
     """True if an input of a call was modified in place after it (rules read inputs)."""
     return any(t._version != v for c in calls for t, v in zip(c.ins, c.versions))
+
+
+def orphaned(calls: list[Call]) -> Call | None:
+    """A call with an output that is a view (an LSTM's batch-first ``out``, a Flatten) and was
+    modified in place after the call, or None. Autograd then routes the gradient through the
+    view's base (``CopySlices``) and no longer through the edge recorded at the call: reading
+    the gradient there would give zeros."""
+    return next((c for c in calls for t, v in zip(c.outputs, c.out_versions)
+                 if t._version != v and t._is_view()), None)
 
 
 def batch_pattern(calls: list[Call], b: int) -> tuple:

@@ -49,6 +49,8 @@ class RuleCall:
     grad: Tensor
     wanted: set[str] = field(default_factory=set)
     grads: list = field(default_factory=list)  # every output's gradient (``accepts`` rules)
+    outputs: list = field(default_factory=list)  # ``accepts`` rules: every output, detached;
+    # None where it was modified in place after the call
 
 
 RuleFn = Callable[[nn.Module, RuleCall], Iterable[Use]]

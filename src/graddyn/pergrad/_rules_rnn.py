@@ -8,13 +8,19 @@ into their input part gi_t = W_ih x_t + b_ih and hidden part gh_t = W_hh h_{t-1}
     (LSTM with proj_size: dW_hr,n = sum_t dr[n,t] (x) hfull[n,t], r = W_hr hfull)
 
 so each weight's per-example gradient is a factored ``Outer`` over the T steps, like a Linear
-layer's over positions. The fused kernel does not expose gi, gh: the rule recomputes the
-layer step by step on the recorded input and initial state (the cell definitions of the
-PyTorch docs), keeping every step's gate activations, then runs the hand-written backward of
-those cells from the recorded output gradients (``out``, ``h_n``, ``c_n``) to every step's
-gi and gh, whose rows are per example because the examples of a recurrent layer never meet.
-Cost: one forward and backward of the layer step by step, without autograd: about the fused
-kernel's own arithmetic (two small matrix products per step), far cheaper than B of them.
+layer's over positions. The fused kernel does not expose gi, gh, so the rule rebuilds them:
+
+- forward, batched over all steps: each layer's outputs are the states h_t its steps read
+  (the recorded output of the top layer; lower layers, or a top output modified in place
+  since, again by the fused kernel without autograd), so every step's gate activations come
+  from two matrix products over all steps at once; only the LSTM cell c_t = f_t c_{t-1} +
+  i_t g_t needs a loop over steps (one fused multiply-add each);
+- backward through time from the recorded output gradients (``out``, ``h_n``, ``c_n``): a
+  loop over steps of one small matrix product (to the previous state) and a few
+  multiplications by gate derivatives computed beforehand for all steps at once.
+
+Rows of dgi, dgh are per example because the examples of a recurrent layer never meet.
+Cost: about one forward and backward of the layer's own arithmetic, far less than B of them.
 
 Not served (the exact path takes over): packed sequences, unbatched calls, and inter-layer
 dropout in training mode (its masks are drawn inside the fused kernel).
@@ -44,100 +50,120 @@ def _accepts(m: nn.RNNBase, layouts: list) -> bool:
     return all(lay == "unused" or lay == w for lay, w in zip(layouts, want))
 
 
-def _forward(m: nn.RNNBase, layer_in: Tensor, w: dict, h: Tensor, c: Tensor | None,
-             steps: range) -> dict:
-    """One direction of one layer, step by step without autograd, keeping what its backward
-    needs (N examples, T steps, time-indexed): ``hprev`` (N, T, P) the state each step reads,
-    ``act`` the gate activations (LSTM: i, f, g, o (N, T, 4H); GRU: r, z, n (N, T, 3H)), ``c``
-    (N, T, H) the LSTM cell, ``hn`` (N, T, H) the GRU's W_hn h + b_hn, ``hf`` (N, T, H) the
-    LSTM state before its projection, ``out`` (N, T, P) and the last ``h`` / ``c``."""
-    n, t_len = layer_in.shape[:2]
-    gi = F.linear(layer_in, w["ih"], w["b_ih"])  # (N, T, G): the input part of every step
-    st = {"gi": gi, "hprev": layer_in.new_empty(n, t_len, h.shape[-1]),
-          "act": torch.empty_like(gi), "out": layer_in.new_empty(n, t_len, h.shape[-1])}
+_FUSED = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rnn_tanh,
+          "RNN_RELU": torch._VF.rnn_relu}
+
+
+def _fused_layer(m: nn.RNNBase, layer: int, x: Tensor, h0: Tensor, c0: Tensor | None,
+                 dtype: torch.dtype) -> Tensor:
+    """Layer ``layer``'s outputs (N, T, dirs P) on its input ``x`` (N, T, D) by the fused
+    kernel, without autograd; ``h0`` / ``c0``: (dirs, N, *) its initial states."""
+    dirs = 2 if m.bidirectional else 1
+    per = len(m._flat_weights) // (m.num_layers * dirs)  # tensors per layer and direction
+    ws = [w.detach().to(dtype) for w in m._flat_weights[layer * dirs * per:
+                                                         (layer + 1) * dirs * per]]
+    hx = (h0, c0) if m.mode == "LSTM" else h0
+    with torch.no_grad():
+        return _FUSED[m.mode](x, hx, ws, m.bias, 1, 0.0, False, m.bidirectional, True)[0]
+
+
+def _shift(seq: Tensor, first: Tensor, reverse: bool) -> Tensor:
+    """(N, T, H) values per step -> the value each step reads from the step before it in
+    processing order (``first`` (N, H) for the first processed step)."""
+    if reverse:
+        return torch.cat([seq[:, 1:], first[:, None]], 1)
+    return torch.cat([first[:, None], seq[:, :-1]], 1)
+
+
+def _gates(m: nn.RNNBase, x: Tensor, h: Tensor, w: dict, h0: Tensor, c0: Tensor | None,
+           reverse: bool) -> dict:
+    """One direction of one layer, all steps at once: its input ``x`` (N, T, D) and outputs
+    ``h`` (N, T, P) -> what its backward needs: ``hprev`` (N, T, P) the state each step reads
+    and the gate derivatives, shapes (N, T, k, H) (see ``_backward``); LSTM: ``f`` (N, T, H),
+    ``hf`` (N, T, H) the state before the projection; GRU: ``z`` (N, T, H)."""
+    hprev = _shift(h, h0, reverse)
+    gi = F.linear(x, w["ih"], w["b_ih"]).contiguous()  # (N, T, G)
+    if m.mode != "GRU":  # the pre-activations gi + gh, accumulated by the second product
+        pre = gi.view(-1, gi.shape[-1]).addmm_(hprev.reshape(-1, hprev.shape[-1]),
+                                               w["hh"].T).view(gi.shape)
+        if w["b_hh"] is not None:
+            pre += w["b_hh"]
+    else:
+        gh = F.linear(hprev, w["hh"], w["b_hh"])
     if m.mode == "LSTM":
-        st["c"] = layer_in.new_empty(n, t_len, c.shape[-1])
+        hs = pre.shape[-1] // 4
+        act = pre.sigmoid()  # (N, T, 4H): i, f, o; g, the cell input, is a tanh
+        act[..., 2 * hs:3 * hs] = pre[..., 2 * hs:3 * hs].tanh()
+        i, f, g, o = act.chunk(4, -1)
+        c = torch.empty_like(i)  # c_t = f_t c_{t-1} + i_t g_t: the only loop of the forward
+        ig, prev = i * g, c0
+        for t in (range(c.shape[1] - 1, -1, -1) if reverse else range(c.shape[1])):
+            prev = torch.addcmul(ig[:, t], f[:, t], prev, out=c[:, t])
+        tc = c.tanh()
+        cprev = _shift(c, c0, reverse)
+        # dc_t = dc_{t+1} f_{t+1} + dh_t o_t (1 - tanh^2 c_t); d(i, f, g) = dc_t * k[:, :3],
+        # d o = dh_t * k[:, 3]
+        k = torch.stack([g * i * (1 - i), cprev * f * (1 - f), i * (1 - g * g),
+                         tc * o * (1 - o)], 2)
+        st = {"k": k, "dc_dh": o * (1 - tc * tc), "f": f}
         if w["hr"] is not None:
-            st["hf"] = layer_in.new_empty(n, t_len, c.shape[-1])
-    if m.mode == "GRU":
-        st["hn"] = layer_in.new_empty(n, t_len, h.shape[-1])
-    relu = getattr(m, "nonlinearity", "tanh") == "relu"
-    for t in steps:
-        st["hprev"][:, t] = h
-        gh = F.linear(h, w["hh"], w["b_hh"])  # (N, G)
-        a = st["act"][:, t]
-        if m.mode == "LSTM":
-            pre, hs = gi[:, t] + gh, c.shape[-1]
-            torch.sigmoid(pre, out=a)
-            a[:, 2 * hs:3 * hs] = torch.tanh(pre[:, 2 * hs:3 * hs])  # the cell input g
-            i, f, g, o = a.chunk(4, -1)
-            c = f * c + i * g
-            st["c"][:, t] = c
-            h = o * torch.tanh(c)
-            if w["hr"] is not None:
-                st["hf"][:, t] = h
-                h = F.linear(h, w["hr"])
-        elif m.mode == "GRU":
-            hs = h.shape[-1]
-            gir, giz, gin = gi[:, t].split(hs, -1)
-            ghr, ghz, ghn = gh.split(hs, -1)
-            r, z = torch.sigmoid(gir + ghr), torch.sigmoid(giz + ghz)
-            nn_ = torch.tanh(gin + r * ghn)
-            a.copy_(torch.cat([r, z, nn_], -1))
-            st["hn"][:, t] = ghn
-            h = (1 - z) * nn_ + z * h
-        else:
-            h = torch.relu(gi[:, t] + gh) if relu else torch.tanh(gi[:, t] + gh)
-            a.copy_(h)
-        st["out"][:, t] = h
-    st["h"], st["c_last"] = h, c
+            st["hf"] = o * tc
+    elif m.mode == "GRU":
+        (gir, giz, gin), (ghr, ghz, ghn) = gi.chunk(3, -1), gh.chunk(3, -1)
+        r, z = (gir + ghr).sigmoid(), (giz + ghz).sigmoid()
+        n = (gin + r * ghn).tanh()
+        cn = (1 - z) * (1 - n * n)  # d(n pre-activation) / dh_t
+        cr = cn * ghn * r * (1 - r)
+        cz = (hprev - n) * z * (1 - z)
+        # dgi_t = dh_t * k_gi, dgh_t = dh_t * k_gh (the n part of gh is scaled by r)
+        st = {"k_gi": torch.stack([cr, cz, cn], 2), "k": torch.stack([cr, cz, cn * r], 2),
+              "z": z}
+    else:
+        act = pre.relu() if m.mode == "RNN_RELU" else pre.tanh()
+        st = {"k": ((pre > 0).to(pre.dtype) if m.mode == "RNN_RELU" else 1 - act * act)[:, :, None]}
+    st["hprev"] = hprev
     return st
 
 
-def _backward(m: nn.RNNBase, st: dict, w: dict, c0: Tensor | None, dout: Tensor,
-              dh: Tensor, dc: Tensor | None, steps: range) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(m: nn.RNNBase, st: dict, w: dict, dout: Tensor, dh: Tensor,
+              dc: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Back through one direction of one layer: ``dout`` (N, T, P) the gradient of its
     outputs, ``dh`` / ``dc`` of its last state -> the gradients of the input and hidden parts
     of every step's gate pre-activations, dgi and dgh (N, T, G), and of the projection's
-    output, dr (N, T, P) (LSTM with proj_size; else empty). Examples never meet: row n of
-    each is example n's own."""
-    act, hprev = st["act"], st["hprev"]
-    dgi = torch.empty_like(act)
-    dgh = dgi if m.mode != "GRU" else torch.empty_like(act)  # the same for LSTM and RNN
-    dr = torch.empty_like(dout) if "hf" in st else dout[:, :0]
-    relu = getattr(m, "nonlinearity", "tanh") == "relu"
-    order = list(steps)
-    for k in range(len(order) - 1, -1, -1):
-        t = order[k]
-        dh = dout[:, t] + dh
+    output, dr (N, T, P) (LSTM with proj_size; else empty)."""
+    k = st["k"]  # (N, T, parts, H)
+    n, t_len = k.shape[:2]
+    dgh = torch.empty_like(k)
+    proj = "hf" in st
+    dr = torch.empty_like(dout) if proj else dout[:, :0]
+    keep_dh = m.mode == "GRU"
+    dhs = torch.empty_like(dout) if keep_dh else None
+    w_hh = w["hh"]
+    dz = later = None  # the gate gradients (N, G) of the step processed before, its index
+    for t in (range(t_len) if reverse else range(t_len - 1, -1, -1)):
+        # dh_t = dout_t + (gradient through the later step's gates) [+ GRU's direct z h path]
+        if dz is None:
+            dh = dout[:, t] + dh
+        else:
+            carry = dh
+            dh = torch.addmm(dout[:, t], dz, w_hh)
+            if keep_dh:
+                dh.addcmul_(carry, st["z"][:, later])
         if m.mode == "LSTM":
-            if "hf" in st:
+            if proj:
                 dr[:, t] = dh
                 dh = dh @ w["hr"]  # (N, H): the gradient of the state before projection
-            i, f, g, o = act[:, t].chunk(4, -1)
-            c_prev = st["c"][:, order[k - 1]] if k else c0
-            tc = torch.tanh(st["c"][:, t])
-            dc = dc + dh * o * (1 - tc * tc)
-            dz = dgi[:, t]
-            torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
-                       dh * tc * o * (1 - o)], -1, out=dz)
-            dc, carry = dc * f, None
-        elif m.mode == "GRU":
-            r, z, nn_ = act[:, t].chunk(3, -1)
-            dpn = dh * (1 - z) * (1 - nn_ * nn_)
-            dpz = dh * (hprev[:, t] - nn_) * z * (1 - z)
-            dpr = dpn * st["hn"][:, t] * r * (1 - r)
-            torch.cat([dpr, dpz, dpn], -1, out=dgi[:, t])
-            torch.cat([dpr, dpz, dpn * r], -1, out=dgh[:, t])
-            dz, carry = dgh[:, t], dh * z  # h' = (1 - z) n + z h reads h directly too
+            dc = torch.addcmul(dc, dh, st["dc_dh"][:, t])
+            torch.mul(k[:, t, :3], dc[:, None], out=dgh[:, t, :3])
+            torch.mul(k[:, t, 3], dh, out=dgh[:, t, 3])
+            dc = dc * st["f"][:, t]
         else:
-            h = act[:, t]
-            dz = dgi[:, t]
-            torch.mul(dh, (h > 0).to(h.dtype) if relu else 1 - h * h, out=dz)
-            carry = None
-        dh = dz @ w["hh"]  # (N, P): to the previous step's state
-        if carry is not None:
-            dh = dh + carry
+            if keep_dh:
+                dhs[:, t] = dh
+            torch.mul(k[:, t], dh[:, None], out=dgh[:, t])
+        dz, later = dgh[:, t].reshape(n, -1), t
+    dgh = dgh.reshape(n, t_len, -1)
+    dgi = (st["k_gi"] * dhs[:, :, None]).reshape(n, t_len, -1) if keep_dh else dgh
     return dgi, dgh, dr
 
 
@@ -157,50 +183,51 @@ def rnn_rule(m: nn.RNNBase, call: RuleCall) -> list[Use]:
     if m.mode == "LSTM":
         c0 = (x.new_zeros(m.num_layers * dirs, n, m.hidden_size) if c0 is None
               else c0.detach().to(wdt))
+    top = call.outputs[0] if call.outputs else None  # None: modified in place since the call
+    if top is not None:
+        top = (top if m.batch_first else top.transpose(0, 1)).to(wdt)
 
     def weights(sfx: str) -> dict:
         got = {k: getattr(m, name + sfx, None) for k, name in (
             ("ih", "weight_ih"), ("hh", "weight_hh"), ("hr", "weight_hr"), ("b_ih", "bias_ih"),
             ("b_hh", "bias_hh"))}
-        return {k: None if v is None else v.detach() for k, v in got.items()}
+        return {k: None if v is None else v.detach().to(wdt) for k, v in got.items()}
 
-    def steps(d: int) -> range:
-        return range(t_len - 1, -1, -1) if d else range(t_len)
-
-    # forward, layer by layer: each layer's input is the previous one's outputs
+    # forward, layer by layer: each layer's outputs are the next one's input
     states, layer_in = [], x
     for layer in range(m.num_layers):
+        ks = slice(layer * dirs, (layer + 1) * dirs)
+        out = top if layer == m.num_layers - 1 and top is not None else _fused_layer(
+            m, layer, layer_in, h0[ks], c0[ks] if c0 is not None else None, wdt)
         per = []
         for d in range(dirs):
             k = layer * dirs + d
             w = weights(f"_l{layer}" + ("_reverse" if d else ""))
-            per.append(_forward(m, layer_in, w, h0[k], c0[k] if c0 is not None else None,
-                                steps(d)) | {"w": w})
+            per.append(_gates(m, layer_in, out[..., d * h_size:(d + 1) * h_size], w, h0[k],
+                              c0[k] if c0 is not None else None, bool(d)) | {"w": w})
         states.append((layer_in, per))
-        layer_in = torch.cat([s["out"] for s in per], -1)
+        layer_in = out
 
     # the recorded gradients: of out (N, T, dirs P), h_n (layers dirs, N, P), c_n
     g_out, g_h, g_c = (list(call.grads) + [None, None])[:3]
     g_out = (x.new_zeros(n, t_len, dirs * h_size) if g_out is None else
              (g_out if m.batch_first else g_out.transpose(0, 1)).to(wdt))
     uses: list[Use] = []
+    wanted = call.wanted
     for layer in range(m.num_layers - 1, -1, -1):  # backward, top layer first
         layer_in, per = states[layer]
         d_in = None
         for d in range(dirs):
             k, sfx = layer * dirs + d, f"_l{layer}" + ("_reverse" if d else "")
-            st = per[d]
-            w = st["w"]
+            st, w = per[d], per[d]["w"]
             dh = g_h[k].to(wdt) if g_h is not None else x.new_zeros(n, h_size)
             dc = (g_c[k].to(wdt) if g_c is not None else x.new_zeros(n, m.hidden_size)) \
                 if m.mode == "LSTM" else None
             dout = g_out[..., d * h_size:(d + 1) * h_size]
-            dgi, dgh, dr = _backward(m, st, w, c0[k] if c0 is not None else None, dout, dh,
-                                     dc, steps(d))
+            dgi, dgh, dr = _backward(m, st, w, dout, dh, dc, bool(d))
             if layer:  # the gradient of the layer below's outputs (N, T, D_in)
                 d_in = dgi @ w["ih"] if d_in is None else d_in + dgi @ w["ih"]
             gsize = dgi.shape[-1]
-            wanted = call.wanted
             if "weight_ih" + sfx in wanted:
                 uses.append(("weight_ih" + sfx, Outer(dgi[:, None], layer_in[:, None], gsize)))
             if "weight_hh" + sfx in wanted:
