@@ -51,3 +51,24 @@ def test_any_order_of_queries_over_steps_equals_the_loop(strategy):
                     grads.write_grad(scale=0.25)
                     for k, p in model.named_parameters():
                         torch.testing.assert_close(p.grad, 0.25 * ref[k].sum(0))
+
+
+def test_two_rearmed_captures_of_one_model_each_go_by_their_own_last_batch():
+    """A norms loop and a Gram loop taking turns on one model: each capture expects what its
+    own previous batch asked, not what the other capture's did (else both would build the
+    wrong way every step)."""
+    model = _model()
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,))
+    caps = {"norms": graddyn.capture(model), "gram": graddyn.capture(model)}
+    try:
+        for step in range(3):
+            for ask, cap in caps.items():  # entered (step 0) or rearmed just before its forward
+                cap.rearm() if step else cap.__enter__()
+                grads = cap.backward(F.cross_entropy(model(x), y, reduction="none"))
+                if step:  # the first batch of a capture expects a Gram (the default)
+                    assert grads._wants_gram() == (ask == "gram")
+                grads.gram() if ask == "gram" else grads.norms()
+    finally:
+        for cap in caps.values():
+            cap.__exit__(None, None, None)

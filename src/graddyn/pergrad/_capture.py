@@ -51,7 +51,9 @@ from ._walk import Walk, walk
 PLANS: WeakKeyDictionary[nn.Module, dict[tuple, Plan]] = WeakKeyDictionary()
 """model -> {structure key: plan}: a training loop analyses its model once per structure."""
 USAGE: WeakKeyDictionary[nn.Module, dict] = WeakKeyDictionary()
-"""model -> what its last BatchGrads was asked for (a loop asks the same every step)."""
+"""model -> what its last BatchGrads was asked for (a loop asks the same every step); a
+capture that was rearmed goes by its own last batch instead (two loops on one model, one
+asking norms and one Grams, do not mislead each other)."""
 
 BATCHNORM_MODES = ("error", "coupled")
 
@@ -87,6 +89,7 @@ class Capture:
         self._handles: list = []
         self._state = "new"
         self._recording = False  # True only while open: hooks record nothing otherwise
+        self._usage: dict | None = None  # what this capture's last BatchGrads was asked for
 
     def _layout(self) -> None:
         """Walk the module tree once (a capture per training step should not pay for dozens
@@ -271,8 +274,9 @@ class Capture:
             out.exchange = info
             return out
         shape = (b,) if self.mode == "loss" else (b, k)
-        last = USAGE.get(self.model)  # did the model's last batch want a Gram?
-        usage = USAGE[self.model] = {"expect_gram": True if last is None else last["gram"]}
+        last = self._usage or USAGE.get(self.model)  # did the last batch want a Gram?
+        usage = self._usage = USAGE[self.model] = {
+            "expect_gram": True if last is None else last["gram"]}
         return BatchGrads([pgs[i] for i in self._names], shape, usage)
 
     def gather(self, t: Tensor) -> Tensor:
