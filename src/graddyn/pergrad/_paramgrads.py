@@ -34,6 +34,7 @@ class ParamGrads:
     dense: Tensor | None = None
     factors: list[Outer] = field(default_factory=list)
     strategy: str = "auto"
+    compact_ids: tuple | None = field(default=None, repr=False)  # (factor, its compact pair)
 
     @property
     def shape(self) -> torch.Size:
@@ -180,12 +181,23 @@ def _compact_ids(a: ParamGrads, b: ParamGrads) -> tuple[Outer, Outer] | None:
     fa, fb = a.factors[0], b.factors[0]
     if not (fa.index and fb.index):
         return None
-    ids, inv = torch.unique(torch.cat([fa.left.reshape(-1), fb.left.reshape(-1)]),
-                            return_inverse=True)
+    if a is b:  # asked several times per batch (the cost model, .grad, Gram, norms): kept
+        if a.compact_ids is None or a.compact_ids[0] is not fa:
+            a.compact_ids = (fa, _compact_pair(fa, fa, same=True))
+        return a.compact_ids[1]
+    return _compact_pair(fa, fb, same=False)
+
+
+def _compact_pair(fa: Outer, fb: Outer, same: bool) -> tuple[Outer, Outer] | None:
+    ids, inv = torch.unique(fa.left.reshape(-1) if same else torch.cat(
+        [fa.left.reshape(-1), fb.left.reshape(-1)]), return_inverse=True)
     if len(ids) >= fa.p:
         return None
     k = fa.left.numel()
-    return (Outer(inv[:k].view_as(fa.left), fa.right, len(ids)),
+    left = inv[:k].view_as(fa.left)
+    if same:
+        return Outer(left, fa.right, len(ids)), Outer(left, fb.right, len(ids))
+    return (Outer(left, fa.right, len(ids)),
             Outer(inv[k:].view_as(fb.left), fb.right, len(ids)))
 
 
