@@ -27,10 +27,23 @@ def _float32():  # the zoo's conftest sets float64; these models start in float3
     torch.set_default_dtype(torch.float32)
 
 
+class LSTMTagger(nn.Module):
+    """Embedding -> batch-first LSTM -> per-token logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lstm, self.head = nn.Embedding(V, 16), nn.LSTM(16, 16, batch_first=True), \
+            nn.Linear(16, V)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.emb(ids))[0])
+
+
 def models():
     tr = pytest.importorskip("transformers")
     torch.manual_seed(0)
     return {
+        "lstm": LSTMTagger(),
         "gpt2": tr.GPT2LMHeadModel(tr.GPT2Config(n_embd=16, n_head=2, n_layer=2, vocab_size=V,
                                                  n_positions=32)),
         "bert": tr.BertForMaskedLM(tr.BertConfig(hidden_size=16, num_attention_heads=2,
@@ -49,11 +62,12 @@ IDS = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
 
 
 def losses_of(model):
-    out = model(IDS) if isinstance(model, nn.Sequential) else model(input_ids=IDS).logits
+    out = model(IDS) if isinstance(model, (nn.Sequential, LSTMTagger)) else model(
+        input_ids=IDS).logits
     return F.cross_entropy(out.float().transpose(1, 2), IDS, reduction="none").mean(1)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "encoder_layer"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "encoder_layer", "lstm"])
 @pytest.mark.parametrize("how", ["autocast_bf16", "bf16_weights", "fp16_weights"])
 def test_low_precision_within_tolerance(name, how):
     model = models()[name].eval()
