@@ -153,6 +153,20 @@ def test_view_output_modified_in_place_is_refused():
         cap.backward(losses)
 
 
+def test_view_output_of_a_module_without_rule_modified_in_place(exact):
+    """The model's own output is a view (Unflatten) changed in place by the loss code: no rule
+    reads it, so it is not refused, and the Linear's rule stays exact."""
+    model = nn.Sequential(nn.Linear(D, 6), nn.Unflatten(1, (2, 3)))
+    x, y = inputs(5, True)
+
+    def loss(m):
+        out = m(x[:, 0])
+        out.mul_(2.0)
+        return ce(out.sum(1), y)
+
+    exact(model, loss, exact_path=set())
+
+
 def test_lstm_projection_and_packed_sequences(exact):
     rnn = nn.LSTM(D, 5, proj_size=3, batch_first=True)
     x, y = inputs(5, True)

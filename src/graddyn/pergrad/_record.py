@@ -74,11 +74,13 @@ def stale(calls: list[Call]) -> bool:
 
 
 def orphaned(calls: list[Call]) -> Call | None:
-    """A call with an output that is a view (an LSTM's batch-first ``out``, a Flatten) and was
+    """A rule call with an output that is a view (an LSTM's batch-first ``out``) and was
     modified in place after the call, or None. Autograd then routes the gradient through the
-    view's base (``CopySlices``) and no longer through the edge recorded at the call: reading
-    the gradient there would give zeros."""
-    return next((c for c in calls for t, v in zip(c.outputs, c.out_versions)
+    view's base (``CopySlices``) and no longer through the edge recorded at the call: the rule
+    would read zeros there. (Other calls' outputs are only read where the graph walk reaches
+    their edges, which an orphaned edge is not.)"""
+    return next((c for c in calls if c.rule is not None and c.wanted
+                 for t, v in zip(c.outputs, c.out_versions)
                  if t._version != v and t._is_view()), None)
 
 
