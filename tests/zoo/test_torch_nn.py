@@ -79,8 +79,9 @@ def test_multihead_attention(exact, bf, t, kind):
                                                (2, True, True)],
                          ids=["1layer", "2layer-bi", "2layer-bi-dropout"])
 def test_recurrent(exact, cell, bf, layers, bi, train):
-    """The recurrent rule (a step-by-step recomputation); with inter-layer dropout in train
-    mode (masks drawn inside the fused kernel) the exact path."""
+    """The recurrent rule (gates rebuilt from the recorded states, a hand-written backward
+    through time); with inter-layer dropout in train mode (masks drawn inside the fused
+    kernel) the exact path."""
     rnn = cell(D, 5, num_layers=layers, bidirectional=bi, batch_first=bf,
                dropout=0.3 if layers > 1 else 0.0).train(train)
     x, y = inputs(B, bf)  # T == B
