@@ -61,6 +61,10 @@ bench: peers
 	$(BIN)/python benchmarks/curvature.py
 	$(BIN)/python benchmarks/influence.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/real_models.py --size tiny --repeats 7
+	$(BIN)/python benchmarks/real_models.py --size medium --repeats 3
+	$(BIN)/python benchmarks/conv_rows.py --repeats 10
+	$(BIN)/python benchmarks/distributed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
