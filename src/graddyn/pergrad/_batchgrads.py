@@ -117,11 +117,10 @@ class BatchGrads:
         if pg.name not in self._book:
             rows = rows_in_workspace(pg)  # (N, P), valid until the next use of the workspace
             gram = rows @ rows.T if self._wants_gram() else None
-            self._book[pg.name] = {
-                "sum": rows.sum(0).reshape(pg.shape),  # the squared norms: the Gram's diagonal
-                "sq": torch.linalg.vector_norm(rows, dim=1).square() if gram is None else
-                gram.diagonal(),
-                "gram": gram}
+            # squared norms: the Gram's diagonal where it is built, else one pass over the rows
+            sq = torch.linalg.vector_norm(rows, dim=1).square() if gram is None else \
+                gram.diagonal()
+            self._book[pg.name] = {"sum": rows.sum(0).reshape(pg.shape), "sq": sq, "gram": gram}
         return self._book[pg.name]
 
     def gram(self, per_layer: bool = False) -> Tensor | dict[str, Tensor]:

@@ -183,21 +183,24 @@ def _compact_ids(a: ParamGrads, b: ParamGrads) -> tuple[Outer, Outer] | None:
         return None
     if a is b:  # asked several times per batch (the cost model, .grad, Gram, norms): kept
         if a.compact_ids is None or a.compact_ids[0] is not fa:
-            a.compact_ids = (fa, _compact_pair(fa, fa, same=True))
+            a.compact_ids = (fa, _compact_pair(fa, fa))
         return a.compact_ids[1]
-    return _compact_pair(fa, fb, same=False)
+    return _compact_pair(fa, fb)
 
 
-def _compact_pair(fa: Outer, fb: Outer, same: bool) -> tuple[Outer, Outer] | None:
-    ids, inv = torch.unique(fa.left.reshape(-1) if same else torch.cat(
-        [fa.left.reshape(-1), fb.left.reshape(-1)]), return_inverse=True)
+def _compact_pair(fa: Outer, fb: Outer) -> tuple[Outer, Outer] | None:
+    if fa is fb:  # a batch against itself: its own ids renumbered, one Outer for both sides
+        ids, inv = torch.unique(fa.left.reshape(-1), return_inverse=True)
+        if len(ids) >= fa.p:
+            return None
+        same = Outer(inv.view_as(fa.left), fa.right, len(ids))
+        return same, same
+    ids, inv = torch.unique(torch.cat([fa.left.reshape(-1), fb.left.reshape(-1)]),
+                            return_inverse=True)
     if len(ids) >= fa.p:
         return None
     k = fa.left.numel()
-    left = inv[:k].view_as(fa.left)
-    if same:
-        return Outer(left, fa.right, len(ids)), Outer(left, fb.right, len(ids))
-    return (Outer(left, fa.right, len(ids)),
+    return (Outer(inv[:k].view_as(fa.left), fa.right, len(ids)),
             Outer(inv[k:].view_as(fb.left), fb.right, len(ids)))
 
 

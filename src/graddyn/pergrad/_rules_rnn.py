@@ -54,14 +54,13 @@ _FUSED = {"LSTM": torch._VF.lstm, "GRU": torch._VF.gru, "RNN_TANH": torch._VF.rn
           "RNN_RELU": torch._VF.rnn_relu}
 
 
-def _fused_layer(m: nn.RNNBase, layer: int, x: Tensor, h0: Tensor, c0: Tensor | None,
-                 dtype: torch.dtype) -> Tensor:
+def _fused_layer(m: nn.RNNBase, layer: int, x: Tensor, h0: Tensor, c0: Tensor | None
+                 ) -> Tensor:
     """Layer ``layer``'s outputs (N, T, dirs P) on its input ``x`` (N, T, D) by the fused
     kernel, without autograd; ``h0`` / ``c0``: (dirs, N, *) its initial states."""
     dirs = 2 if m.bidirectional else 1
     per = len(m._flat_weights) // (m.num_layers * dirs)  # tensors per layer and direction
-    ws = [w.detach().to(dtype) for w in m._flat_weights[layer * dirs * per:
-                                                         (layer + 1) * dirs * per]]
+    ws = [w.detach() for w in m._flat_weights[layer * dirs * per:(layer + 1) * dirs * per]]
     hx = (h0, c0) if m.mode == "LSTM" else h0
     with torch.no_grad():
         return _FUSED[m.mode](x, hx, ws, m.bias, 1, 0.0, False, m.bidirectional, True)[0]
@@ -191,14 +190,14 @@ def rnn_rule(m: nn.RNNBase, call: RuleCall) -> list[Use]:
         got = {k: getattr(m, name + sfx, None) for k, name in (
             ("ih", "weight_ih"), ("hh", "weight_hh"), ("hr", "weight_hr"), ("b_ih", "bias_ih"),
             ("b_hh", "bias_hh"))}
-        return {k: None if v is None else v.detach().to(wdt) for k, v in got.items()}
+        return {k: None if v is None else v.detach() for k, v in got.items()}
 
     # forward, layer by layer: each layer's outputs are the next one's input
     states, layer_in = [], x
     for layer in range(m.num_layers):
         ks = slice(layer * dirs, (layer + 1) * dirs)
         out = top if layer == m.num_layers - 1 and top is not None else _fused_layer(
-            m, layer, layer_in, h0[ks], c0[ks] if c0 is not None else None, wdt)
+            m, layer, layer_in, h0[ks], c0[ks] if c0 is not None else None)
         per = []
         for d in range(dirs):
             k = layer * dirs + d
